@@ -1,0 +1,182 @@
+"""The ``edgekd`` command.
+
+``edgekd simulate`` runs a federated distillation on Flower's simulation engine
+(Ray) and writes a run folder. Bad input (unknown dataset or key, a partition
+spec out of range, a teacher of another architecture, a missing data file) ends
+with one line naming the problem and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edgekd.common.config import ConfigError, EdgeKDConfig
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+def build_config(args: argparse.Namespace) -> EdgeKDConfig:
+    """Defaults ← ``--config FILE`` ← ``--set key=value`` ← the named flags."""
+    cfg = EdgeKDConfig()
+    if args.config:
+        path = Path(args.config)
+        try:
+            cfg = cfg.with_overrides(tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UsageError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    sets: dict[str, Any] = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--set expects key=value, got '{item}'")
+        sets[key.strip()] = value.strip().strip("\"'")
+    flags = {
+        "data.dataset": args.dataset,
+        "data.partition": args.partition,
+        "data.data-dir": args.data_dir,
+        "train.num-rounds": args.rounds,
+        "seed": args.seed,
+        "out-dir": args.out,
+        "baseline": True if args.baseline else None,
+        "model.teacher-path": args.teacher,
+    }
+    sets.update({k: v for k, v in flags.items() if v is not None})
+    cfg = cfg.with_overrides(sets)
+    if args.num_clients < 1:
+        raise UsageError(f"--num-clients must be >= 1, got {args.num_clients}")
+    train = replace(cfg.train, min_nodes=min(cfg.train.min_nodes, args.num_clients))
+    out = cfg.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+    return replace(cfg, train=train, out_dir=out)
+
+
+def preflight(cfg: EdgeKDConfig) -> None:
+    """Fail before Ray starts: load the data (and warm the cache the clients read) and
+    check that a given teacher checkpoint fits the dataset."""
+    from edgekd.common.data import load_federated_data
+    from edgekd.common.data_files import DataFileError
+    from edgekd.common.models import CheckpointError, load_checkpoint, spec_for
+
+    try:
+        data = load_federated_data(cfg.data, cfg.seed)
+    except DataFileError as exc:
+        raise UsageError(str(exc)) from None
+    if cfg.model.teacher_path:
+        expected = spec_for(data.input_shape, data.num_classes, cfg.model.teacher_width)
+        try:
+            load_checkpoint(cfg.model.teacher_path, expected=expected)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    preflight(cfg)
+    from flwr.simulation import run_simulation
+
+    from edgekd.client.app import make_client_app
+    from edgekd.server.app import make_server_app
+
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    print(
+        f"edgekd simulate: {cfg.data.dataset}, {args.num_clients} clients, "
+        f"{cfg.train.num_rounds} rounds, partition {cfg.data.partition}, "
+        f"client shift {'on' if cfg.data.client_shift else 'off'} -> {cfg.out_dir}",
+        flush=True,
+    )
+    cpus = os.cpu_count() or 1
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=make_client_app(cfg),
+        num_supernodes=args.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        },
+        verbose_logging=args.verbose,
+    )
+    report_path = Path(cfg.out_dir) / "report.json"
+    if not report_path.exists():
+        raise UsageError(
+            f"the simulation ended without a report ({report_path}); rerun with --verbose"
+        )
+    print_summary(json.loads(report_path.read_text()))
+    print(f"report: {report_path}")
+    return 0
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    rows = [("teacher", report["teacher"]), ("edgekd student", report["student"])]
+    for key, name in (("server_only", "server-only KD"), ("baseline", "FedAvg, no teacher")):
+        if key in report:
+            rows.append((name, report[key]))
+    print(f"\n{'model':<20}{'accuracy':>9}{'params':>9}{'ECE':>7}{'min recall':>11}{'agree':>7}")
+    for name, m in rows:
+        agree = m.get("agreement")
+        print(
+            f"{name:<20}{m['accuracy']:>9.4f}{m['params']:>9d}{m['ece']:>7.3f}"
+            f"{m['min_class_recall']:>11.3f}{'' if agree is None else f'{agree:.3f}':>7}"
+        )
+    t = report["teacher"]
+    comm = report["communication"]
+    print(
+        f"teacher on server-domain test: {t['server_domain_accuracy']:.4f}; "
+        f"bytes down {comm['bytes_down']:,}, up {comm['bytes_up']:,}; "
+        f"{report['seconds']:.0f} s\n"
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgekd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federated KD simulation (Flower + Ray)")
+    sim.add_argument("--config", help="TOML file with config keys (see README)")
+    sim.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key; repeatable"
+    )
+    sim.add_argument("--dataset", help="mnist1d (default), digits, mnist, fashion-mnist, cifar10")
+    sim.add_argument("--data-dir", help="folder with the IDX / CIFAR files for file datasets")
+    sim.add_argument("--num-clients", type=int, default=20, help="simulated SuperNodes (20)")
+    sim.add_argument("--rounds", type=int, help="federated rounds (20)")
+    sim.add_argument(
+        "--partition", help="iid | dirichlet:<alpha> | pathological:<k> (dirichlet:0.5)"
+    )
+    sim.add_argument("--seed", type=int, help="seed for data, partitions and training (42)")
+    sim.add_argument("--teacher", help="load this teacher checkpoint instead of training one")
+    sim.add_argument("--out", help="run folder (runs/<timestamp>)")
+    sim.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train FedAvg without a teacher and a server-only KD student",
+    )
+    sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (UsageError, ConfigError) as exc:
+        print(f"edgekd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

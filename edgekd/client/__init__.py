@@ -1,0 +1,1 @@
+"""Client side: the Flower ClientApp, the local KD trainer and runtime backends."""

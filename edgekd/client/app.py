@@ -1,0 +1,136 @@
+"""The edgekd ClientApp (Flower Message API): thin glue around `edgekd.client.trainer`.
+
+A node finds its data from ``node_config`` (``partition-id``, ``num-partitions``,
+set by the simulation engine or ``flower-supernode --node-config``) and the run's
+`EdgeKDConfig`, so the data never leaves it. Soft targets come from the cached
+ONNX teacher (``on-device``) or from the message (``proxy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edgekd.common import records as R
+from edgekd.common.config import EdgeKDConfig
+from edgekd.common.data import ArrayDataset, client_split, load_federated_data
+from edgekd.common.models import ModelSpec, spec_for
+from edgekd.payload import record_to_state, state_to_record
+
+if TYPE_CHECKING:  # the trainer imports torch; onnxruntime/LiteRT nodes never load it
+    from edgekd.client.trainer import RoundSettings
+
+
+def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, ArrayDataset, ModelSpec]:
+    pid = int(_scalar(context.node_config, R.PARTITION_ID))
+    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
+    data = load_federated_data(cfg.data, cfg.seed)
+    train, val = client_split(data, cfg.data.partition, pid, num, cfg.seed, cfg.data.val_fraction)
+    spec = spec_for(data.input_shape, data.num_classes, cfg.model.student_width)
+    return train, val, spec
+
+
+def _scalar(record: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A scalar from a Flower record; a list or bytes value is a malformed config."""
+    value = record.get(key, default)
+    if value is None or isinstance(value, (list, bytes)):
+        raise ValueError(f"config key '{key}' is missing or not a scalar")
+    return value
+
+
+def _round_settings(config: ConfigRecord, context: Context) -> RoundSettings:
+    from edgekd.client.trainer import RoundSettings
+
+    batch = int(_scalar(context.node_config, R.NODE_BATCH_SIZE, _scalar(config, R.BATCH_SIZE)))
+    pid = int(_scalar(context.node_config, R.PARTITION_ID))
+    return RoundSettings(
+        mode=str(_scalar(config, R.MODE)),
+        local_epochs=int(_scalar(config, R.LOCAL_EPOCHS)),
+        lr=float(_scalar(config, R.LR)),
+        optimizer=str(_scalar(config, R.OPTIMIZER)),
+        batch_size=batch,
+        clip_norm=float(_scalar(config, R.CLIP_NORM)),
+        temperature=float(_scalar(config, R.TEMPERATURE)),
+        alpha=float(_scalar(config, R.ALPHA)),
+        class_weighting=bool(_scalar(config, R.CLASS_WEIGHTING)),
+        max_class_weight=float(_scalar(config, R.MAX_CLASS_WEIGHT)),
+        reference_batch=int(_scalar(config, R.REFERENCE_BATCH)),
+        # Different per node and per round, reproducible for the same run.
+        seed=int(_scalar(config, R.SEED)) * 100_003 + int(_scalar(config, R.ROUND)) * 1009 + pid,
+    )
+
+
+def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
+    from edgekd.client.teacher_cache import teacher_logits, teacher_session
+    from edgekd.client.trainer import local_kd_update
+
+    train, _, spec = _node_data(cfg, context)
+    config = msg.content.config_records[R.CONFIG]
+    settings = _round_settings(config, context)
+    logits = None
+    proxy = None
+    if settings.mode == "kd" and str(config[R.SOFT_TARGETS]) == "on-device":
+        attached = msg.content.array_records.get(R.TEACHER)
+        blob = attached[R.TEACHER_ONNX].numpy().tobytes() if attached is not None else None
+        session = teacher_session(str(config[R.TEACHER_HASH]), blob)
+        logits = teacher_logits(session, train.x)
+    elif settings.mode == "kd":
+        p = msg.content.array_records[R.PROXY]
+        proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_PROBS].numpy())
+    state = record_to_state(msg.content.array_records[R.ARRAYS])
+    new_state, metrics = local_kd_update(
+        spec, state, train, settings, teacher_logits=logits, proxy=proxy
+    )
+    reply = RecordDict(
+        {
+            R.ARRAYS: state_to_record(new_state),
+            R.METRICS: MetricRecord(
+                {
+                    R.TRAIN_LOSS: float(metrics[R.TRAIN_LOSS]),
+                    "temperature": float(metrics["temperature"]),
+                    R.NUM_EXAMPLES: len(train),
+                }
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
+    from edgekd.client.trainer import evaluate_state
+
+    _, val, spec = _node_data(cfg, context)
+    state = record_to_state(msg.content.array_records[R.ARRAYS])
+    metrics = evaluate_state(spec, state, val)
+    reply = RecordDict(
+        {
+            R.METRICS: MetricRecord(
+                {R.ACCURACY: metrics["accuracy"], R.LOSS: metrics["loss"], R.NUM_EXAMPLES: len(val)}
+            )
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
+    client_app = ClientApp()
+
+    def config_of(context: Context) -> EdgeKDConfig:
+        return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(config_of(context), msg, context)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(config_of(context), msg, context)
+
+    return client_app
+
+
+app = make_client_app()

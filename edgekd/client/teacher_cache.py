@@ -1,0 +1,61 @@
+"""On-device teacher: the ONNX teacher arrives once, is cached by its sha256, and
+produces soft targets with onnxruntime (no torch needed on the device)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.common.data import cache_dir
+
+
+class TeacherMissingError(RuntimeError):
+    """The round needs a teacher this node has not cached, and none was attached."""
+
+
+_SESSIONS: dict[str, Any] = {}
+
+
+def _teacher_path(digest: str) -> Path:
+    return cache_dir() / "teachers" / f"{digest}.onnx"
+
+
+def teacher_session(digest: str, onnx_bytes: bytes | None) -> Any:
+    """The onnxruntime session for teacher ``digest``; stores ``onnx_bytes`` if given."""
+    if digest in _SESSIONS:
+        return _SESSIONS[digest]
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError(
+            "the on-device teacher needs onnxruntime: pip install 'edgekd[edge]'"
+        ) from exc
+    path = _teacher_path(digest)
+    if onnx_bytes is not None:
+        actual = hashlib.sha256(onnx_bytes).hexdigest()
+        if actual != digest:
+            raise ValueError(f"teacher bytes hash {actual[:12]} != announced {digest[:12]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(onnx_bytes)
+        os.replace(tmp.name, path)
+    if not path.exists():
+        raise TeacherMissingError(f"teacher {digest[:12]} is not cached on this node")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    _SESSIONS[digest] = session
+    return session
+
+
+def teacher_logits(session: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    parts = [
+        session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32)

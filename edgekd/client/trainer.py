@@ -1,0 +1,115 @@
+"""Local KD update on one client, torch backend (laptops, Jetson, simulation).
+
+The Flower-facing code is in `edgekd.client.app`; this module only turns (global
+student, round settings, local data, teacher soft targets) into (updated student,
+metrics), so it can be tested without Flower.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from edgekd.common.data import ArrayDataset
+from edgekd.common.kd import temperature_for_batch
+from edgekd.common.metrics import classification_metrics
+from edgekd.common.models import ModelSpec, build_model
+from edgekd.common.training import KDSettings, kd_train, predict_logits, softmax_np
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server asked for this round (decoded from the ConfigRecord)."""
+
+    mode: str  # "kd" or "ce"
+    local_epochs: int
+    lr: float
+    optimizer: str
+    batch_size: int
+    clip_norm: float
+    temperature: float
+    alpha: float
+    class_weighting: bool
+    max_class_weight: float
+    reference_batch: int
+    seed: int
+
+    def effective_temperature(self) -> float:
+        """T(B) = T0·(B0/B)^(1/4): a device forced to a smaller batch gets a softer τ."""
+        return temperature_for_batch(self.temperature, self.reference_batch, self.batch_size)
+
+
+def load_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    model = build_model(spec)
+    model.load_state_dict(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items()))
+    return model
+
+
+def model_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+
+
+def local_kd_update(
+    spec: ModelSpec,
+    state: Mapping[str, np.ndarray],
+    train: ArrayDataset,
+    settings: RoundSettings,
+    *,
+    teacher_logits: np.ndarray | None,
+    proxy: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[OrderedDict[str, np.ndarray], dict[str, float]]:
+    """Run the round's local epochs and return the new state and training metrics.
+
+    * ``mode == "ce"``: plain (class-weighted) cross-entropy, the FedAvg baseline.
+    * ``teacher_logits`` given (on-device teacher): class-balanced KD on local data
+      at the batch-coupled temperature.
+    * ``proxy`` given (x, teacher probabilities): CE on local data, then KD on the
+      public proxy set, every epoch.
+    """
+    torch.set_num_threads(1)  # one simulated client per core
+    model = load_state(spec, state)
+    tau = settings.effective_temperature()
+    kd = KDSettings(
+        epochs=settings.local_epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        temperature=tau,
+        alpha=settings.alpha,
+        class_weighting=settings.class_weighting,
+        max_class_weight=settings.max_class_weight,
+        clip_norm=settings.clip_norm,
+        optimizer=settings.optimizer,
+    )
+    probs = None
+    if settings.mode == "kd" and teacher_logits is not None:
+        probs = softmax_np(teacher_logits, tau)
+    n = spec.num_classes
+    if settings.mode != "kd" or proxy is None:
+        out = kd_train(model, train.x, train.y, probs, kd, num_classes=n, seed=settings.seed)
+        return model_state(model), {"train-loss": out["loss"], "temperature": float(tau)}
+    # Proxy mode: alternate a local CE epoch with a KD epoch on the public proxy set.
+    px, pprobs = proxy
+    pseudo = pprobs.argmax(axis=1).astype(np.int64)
+    one_epoch = replace(kd, epochs=1)
+    proxy_kd = replace(kd, epochs=1, alpha=0.0, class_weighting=False)
+    loss = 0.0
+    for epoch in range(settings.local_epochs):
+        seed = settings.seed * 1000 + epoch
+        loss = kd_train(model, train.x, train.y, None, one_epoch, num_classes=n, seed=seed)["loss"]
+        kd_train(model, px, pseudo, pprobs, proxy_kd, num_classes=n, seed=seed)
+    return model_state(model), {"train-loss": float(loss), "temperature": float(tau)}
+
+
+def evaluate_state(
+    spec: ModelSpec, state: Mapping[str, np.ndarray], data: ArrayDataset
+) -> dict[str, float]:
+    """Accuracy and NLL of the global student on local validation data."""
+    if len(data) == 0:
+        return {"accuracy": 0.0, "loss": 0.0}
+    probs = softmax_np(predict_logits(load_state(spec, state), data.x))
+    m = classification_metrics(probs, data.y, spec.num_classes)
+    return {"accuracy": float(m["accuracy"]), "loss": float(m["nll"])}  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Plain torch/numpy building blocks; nothing here imports flwr."""

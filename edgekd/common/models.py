@@ -1,0 +1,154 @@
+"""Teacher and student model families (plain torch).
+
+One CNN per input kind, scaled by a width multiplier: the teacher and the student
+are the same family at different widths, so hint distillation and the deploy
+split (frozen ``features`` + linear ``head``) work for both. Every model exposes:
+
+* ``features``: a module whose output is the named hint layer (read it with a
+  forward hook, torchdistill style: ``capture_features(model, "features")``);
+* ``head``: the linear classifier on the flattened features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FEATURE_LAYER = "features"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model; stored in every checkpoint."""
+
+    family: str  # "cnn1d" | "cnn2d"
+    in_channels: int
+    input_size: int  # sequence length (1-D) or image side (2-D)
+    num_classes: int
+    width: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CNN1d(nn.Module):
+    """Three strided 1-D convolutions and a linear head: the mnist1d paper's CNN
+    shape (Greydanus & Kobak 2024) with a width multiplier."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        w = spec.width
+        self.features = nn.Sequential(
+            nn.Conv1d(spec.in_channels, w, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(w, w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(w, w, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        length = (spec.input_size + 3) // 4  # two stride-2 convolutions
+        self.head = nn.Linear(w * length, spec.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class CNN2d(nn.Module):
+    """Two conv-pool blocks, a third conv, global average pooling and a linear head."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        w = spec.width
+        self.features = nn.Sequential(
+            nn.Conv2d(spec.in_channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2) if spec.input_size >= 16 else nn.Identity(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(2 * w, spec.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def spec_for(input_shape: tuple[int, ...], num_classes: int, width: int) -> ModelSpec:
+    """Pick the family from the input shape: (C, L) → cnn1d, (C, H, W) → cnn2d."""
+    if len(input_shape) == 2:
+        return ModelSpec("cnn1d", input_shape[0], input_shape[1], num_classes, width)
+    if len(input_shape) == 3:
+        return ModelSpec("cnn2d", input_shape[0], input_shape[2], num_classes, width)
+    raise ValueError(f"no model family for input shape {input_shape}")
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    if spec.family == "cnn1d":
+        return CNN1d(spec)
+    if spec.family == "cnn2d":
+        return CNN2d(spec)
+    raise ValueError(f"unknown model family '{spec.family}'")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def capture_features(model: nn.Module, layer: str = FEATURE_LAYER) -> Iterator[dict[str, Tensor]]:
+    """Record the output of ``layer`` (a dotted module path) on every forward pass."""
+    store: dict[str, Tensor] = {}
+    module = model.get_submodule(layer)
+
+    def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+        store[layer] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------ checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not match the expected architecture."""
+
+
+def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str, **extra: Any) -> None:
+    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: str, expected: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec]:
+    """Load a model saved by `save_checkpoint`; refuse another architecture by name."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        spec = ModelSpec(**blob["spec"])
+        state = blob["state_dict"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if expected is not None:
+        diffs = [
+            f"{k}={getattr(spec, k)!r} (expected {getattr(expected, k)!r})"
+            for k in ("family", "in_channels", "input_size", "num_classes")
+            if getattr(spec, k) != getattr(expected, k)
+        ]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} has another architecture: {', '.join(diffs)}")
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {path} does not fit {spec.family}: {first}") from None
+    return model, spec

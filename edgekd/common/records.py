@@ -1,0 +1,47 @@
+"""Keys of the round protocol's records: one place, never string literals elsewhere.
+
+Server → client: ``ARRAYS`` (the student), ``CONFIG`` (the keys below), and for the
+two soft-target modes either ``TEACHER`` (the teacher as ONNX bytes, sent once per
+node and cached there by hash) or ``PROXY`` (public inputs with teacher
+probabilities). Client → server: ``ARRAYS`` and ``METRICS``.
+"""
+
+# RecordDict entries
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+TEACHER = "teacher"
+PROXY = "proxy"
+
+# ArrayRecord entries
+TEACHER_ONNX = "onnx"  # uint8 bytes of the teacher's ONNX model
+PROXY_X = "x"
+PROXY_PROBS = "probs"  # teacher probabilities at the round's temperature
+
+# ConfigRecord entries (server → client)
+ROUND = "server-round"  # injected by Flower's FedAvg
+MODE = "mode"  # "kd" (edgekd) or "ce" (plain FedAvg baseline, no teacher)
+LOCAL_EPOCHS = "local-epochs"
+LR = "lr"
+OPTIMIZER = "optimizer"
+BATCH_SIZE = "batch-size"
+CLIP_NORM = "clip-norm"
+SEED = "seed"
+TEMPERATURE = "kd.temperature"
+ALPHA = "kd.alpha"
+CLASS_WEIGHTING = "kd.class-weighting"
+MAX_CLASS_WEIGHT = "kd.max-class-weight"
+REFERENCE_BATCH = "kd.reference-batch"
+SOFT_TARGETS = "kd.soft-targets"
+TEACHER_HASH = "kd.teacher-hash"
+
+# MetricRecord entries (client → server)
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_LOSS = "train-loss"
+ACCURACY = "accuracy"
+LOSS = "loss"
+
+# Node config (per SuperNode; set by the simulation engine or `--node-config`)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+NODE_BATCH_SIZE = "batch-size"  # a device whose memory forces a smaller batch

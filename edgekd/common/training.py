@@ -1,0 +1,170 @@
+"""Torch training loops shared by the server (teacher, warm start, FedDF step) and the
+torch client backend. The losses themselves live in `edgekd.common.kd`; this module
+only iterates over batches, steps the optimizer and clips gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd.common.kd import (
+    HintLoss,
+    class_balanced_kd_loss,
+    inverse_frequency_class_weights,
+    sample_weights_for,
+    soft_targets,
+)
+from edgekd.common.models import capture_features
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    model.eval()
+    out = [
+        model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def softmax_np(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """What one call of `kd_train` does; built from `TrainConfig` + `KDConfig`."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    temperature: float = 4.0
+    alpha: float = 0.5  # CE weight; ignored (CE only) when no teacher targets are given
+    class_weighting: bool = False
+    max_class_weight: float = 5.0
+    clip_norm: float = 2.0
+    optimizer: str = "adam"
+    cosine: bool = False  # cosine-decay the lr over the call (long server-side runs)
+    hint_weight: float = 0.0
+
+
+def kd_train(
+    student: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    teacher_probs: np.ndarray | None,
+    settings: KDSettings,
+    *,
+    num_classes: int,
+    seed: int,
+    teacher: nn.Module | None = None,
+) -> dict[str, float]:
+    """Train ``student`` in place on (x, y) with the class-balanced KD loss.
+
+    ``teacher_probs`` are the teacher's probabilities at ``settings.temperature``
+    (None: plain cross-entropy). With ``hint_weight > 0`` and a torch ``teacher``,
+    a FitNets hint term on the ``features`` layer is added with that fixed weight.
+    Returns the mean loss of the last epoch and the step count.
+    """
+    if len(y) == 0:
+        return {"loss": 0.0, "steps": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    pt = torch.from_numpy(teacher_probs) if teacher_probs is not None else None
+    weights = (
+        sample_weights_for(
+            yt,
+            inverse_frequency_class_weights(y, num_classes, max_weight=settings.max_class_weight),
+        )
+        if settings.class_weighting
+        else None
+    )
+    hint: HintLoss | None = None
+    params = list(student.parameters())
+    if settings.hint_weight > 0 and teacher is not None:
+        hint = _make_hint(student, teacher, xt[:2])
+        params += list(hint.parameters())
+    opt: torch.optim.Optimizer
+    if settings.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(params, lr=settings.lr)
+    steps_per_epoch = math.ceil(len(y) / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+        if settings.cosine
+        else None
+    )
+    student.train()
+    last = 0.0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(y), generator=gen)
+        running, count = 0.0, 0
+        for start in range(0, len(y), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            with capture_features(student) as feats:
+                logits = student(xt[idx])
+            if pt is None:
+                loss = nn.functional.cross_entropy(logits, yt[idx], reduction="none")
+                loss = (loss * weights[idx]).mean() if weights is not None else loss.mean()
+            else:
+                loss = class_balanced_kd_loss(
+                    logits,
+                    pt[idx],
+                    yt[idx],
+                    temperature=settings.temperature,
+                    alpha=settings.alpha,
+                    sample_weights=None if weights is None else weights[idx],
+                )
+            if hint is not None and teacher is not None:
+                with torch.no_grad(), capture_features(teacher) as tfeats:
+                    teacher(xt[idx])
+                loss = loss + settings.hint_weight * hint(feats["features"], tfeats["features"])
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"non-finite loss {loss.item()} during local training")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.clip_norm > 0:
+                nn.utils.clip_grad_norm_(params, settings.clip_norm)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            running += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = running / max(count, 1)
+    student.eval()
+    return {"loss": last, "steps": float(total)}
+
+
+def _make_hint(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> HintLoss:
+    with torch.no_grad(), capture_features(student) as s, capture_features(teacher) as t:
+        student(probe)
+        teacher(probe)
+    fs, ft = s["features"], t["features"]
+    ndim = fs.dim() - 2 if fs.dim() > 2 else 0
+    return HintLoss(fs.shape[1], ft.shape[1], ndim)
+
+
+def teacher_probs_for(teacher: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
+    """The teacher's soft targets softmax(z/τ) for ``x``."""
+    with torch.no_grad():
+        return soft_targets(torch.from_numpy(predict_logits(teacher, x)), temperature).numpy()

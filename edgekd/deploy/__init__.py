@@ -1,0 +1,1 @@
+"""Export and packaging of students for edge runtimes (never imports flwr)."""

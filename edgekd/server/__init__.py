@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, the distillation strategy, teacher service, evaluation."""

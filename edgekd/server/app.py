@@ -1,0 +1,327 @@
+"""The edgekd ServerApp: teacher, warm-started student, the federation, the report.
+
+`run_edgekd` is the whole server side of one run; the ServerApp calls it with the
+config parsed from ``context.run_config`` (``flwr run .``), and ``edgekd simulate``
+builds a ServerApp bound to its own config with `make_server_app`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+
+from edgekd import __version__
+from edgekd.client.trainer import load_state, model_state
+from edgekd.common import records as R
+from edgekd.common.config import EdgeKDConfig
+from edgekd.common.data import FederatedData, load_federated_data
+from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
+from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
+from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
+from edgekd.payload import record_to_state, state_to_record
+from edgekd.report import (
+    dark_knowledge,
+    model_summary,
+    write_json_atomic,
+    write_plots,
+    write_rounds,
+)
+from edgekd.server.strategy import EdgeKDStrategy
+from edgekd.server.teacher import distill_on_public, obtain_teacher, public_soft_targets
+
+log = logging.getLogger("edgekd")
+
+
+class RoundTracker:
+    """Server-side evaluation after every round (Flower's ``evaluate_fn``): scores the
+    global student on the devices' test split, times the round, shows progress."""
+
+    def __init__(
+        self, spec: ModelSpec, data: FederatedData, num_rounds: int, label: str, show: bool
+    ) -> None:
+        self.spec, self.data = spec, data
+        self.results: dict[int, dict[str, float]] = {}
+        self._last = time.perf_counter()
+        self._bar: Any = None
+        if show:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=num_rounds, desc=label, unit="round", leave=True)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = load_state(self.spec, record_to_state(arrays))
+        probs = softmax_np(predict_logits(model, self.data.test.x))
+        acc = float((probs.argmax(1) == self.data.test.y).mean())
+        nll = float(
+            -np.log(np.clip(probs[np.arange(len(probs)), self.data.test.y], 1e-12, None)).mean()
+        )
+        now = time.perf_counter()
+        self.results[server_round] = {"accuracy": acc, "loss": nll, "seconds": now - self._last}
+        self._last = now
+        if self._bar is not None and server_round > 0:
+            self._bar.set_postfix(acc=f"{acc:.3f}")
+            self._bar.update(1)
+        return MetricRecord({R.ACCURACY: acc, R.LOSS: nll})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _train_config(cfg: EdgeKDConfig, mode: str, teacher_hash: str) -> ConfigRecord:
+    t, k = cfg.train, cfg.kd
+    return ConfigRecord(
+        {
+            R.MODE: mode,
+            R.LOCAL_EPOCHS: t.local_epochs,
+            R.LR: t.lr,
+            R.OPTIMIZER: t.optimizer,
+            R.BATCH_SIZE: t.batch_size,
+            R.CLIP_NORM: t.clip_norm,
+            R.SEED: cfg.seed,
+            R.TEMPERATURE: k.temperature,
+            R.ALPHA: k.alpha,
+            R.CLASS_WEIGHTING: k.class_weighting,
+            R.MAX_CLASS_WEIGHT: k.max_class_weight,
+            R.REFERENCE_BATCH: k.reference_batch,
+            R.SOFT_TARGETS: k.soft_targets,
+            R.TEACHER_HASH: teacher_hash,
+        }
+    )
+
+
+def run_federation(
+    grid: Grid,
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    spec: ModelSpec,
+    initial: nn.Module,
+    *,
+    mode: str,
+    teacher: nn.Module | None,
+    teacher_onnx: bytes,
+    label: str,
+    show_progress: bool,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student and
+    the per-round records. ``mode="ce"`` is plain FedAvg with no teacher."""
+    t, k = cfg.train, cfg.kd
+    reference = model_state(initial)
+    teacher_record = proxy_record = None
+    if mode == "kd" and k.soft_targets == "on-device":
+        blob = np.frombuffer(teacher_onnx, dtype=np.uint8)
+        teacher_record = ArrayRecord({R.TEACHER_ONNX: Array(blob)})
+    elif mode == "kd" and teacher is not None:
+        rng = np.random.default_rng([cfg.seed, 5])
+        idx = rng.choice(len(data.public), size=min(k.proxy_size, len(data.public)), replace=False)
+        px = data.public.x[idx]
+        probs = teacher_probs_for(teacher, px, k.temperature)
+        proxy_record = state_to_record({R.PROXY_X: px, R.PROXY_PROBS: probs})
+    post = None
+    if mode == "kd" and teacher is not None and k.server_distill_epochs > 0:
+        public_probs = public_soft_targets(teacher, data, k.temperature)
+
+        def post(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+            student = load_state(spec, record_to_state(arrays))
+            distill_on_public(
+                student,
+                public_probs,
+                data,
+                cfg,
+                epochs=k.server_distill_epochs,
+                seed=cfg.seed + server_round,
+                lr=t.lr,
+            )
+            return state_to_record(model_state(student))
+
+    strategy = EdgeKDStrategy(
+        reference_state=reference,
+        teacher_record=teacher_record,
+        proxy_record=proxy_record,
+        post_aggregate=post,
+        fraction_train=t.fraction_train,
+        fraction_evaluate=t.fraction_evaluate,
+        min_train_nodes=t.min_nodes,
+        min_evaluate_nodes=min(t.min_nodes, 2) if t.fraction_evaluate > 0 else 0,
+        min_available_nodes=t.min_nodes,
+    )
+    tracker = RoundTracker(spec, data, t.num_rounds, label, show_progress)
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=state_to_record(reference),
+            num_rounds=t.num_rounds,
+            timeout=t.round_timeout,
+            train_config=_train_config(cfg, mode, sha256_hex(teacher_onnx)),
+            evaluate_config=ConfigRecord({R.MODE: mode}),
+            evaluate_fn=tracker,
+        )
+    finally:
+        tracker.close()
+    rounds = []
+    for rnd in range(0, t.num_rounds + 1):
+        ledger = strategy.ledger.get(rnd)
+        train_metrics = result.train_metrics_clientapp.get(rnd)
+        fed_eval = result.evaluate_metrics_clientapp.get(rnd)
+        rounds.append(
+            {
+                "round": rnd,
+                **tracker.results.get(rnd, {}),
+                "bytes_down": ledger.bytes_down if ledger else 0,
+                "bytes_up": ledger.bytes_up if ledger else 0,
+                "replies": ledger.replies if ledger else 0,
+                "failures": ledger.failures if ledger else 0,
+                "rejected": ledger.rejected if ledger else 0,
+                "train_loss": _metric(train_metrics, R.TRAIN_LOSS),
+                "federated_accuracy": _metric(fed_eval, R.ACCURACY),
+            }
+        )
+    final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
+    return final, rounds
+
+
+def _metric(record: MetricRecord | None, key: str) -> float | None:
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:
+    """The server side of one run; returns the run folder."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    data = load_federated_data(cfg.data, cfg.seed)
+    teacher_spec = spec_for(data.input_shape, data.num_classes, cfg.model.teacher_width)
+    student_spec = spec_for(data.input_shape, data.num_classes, cfg.model.student_width)
+
+    log.info("training the teacher on %d public samples", len(data.public))
+    teacher = obtain_teacher(cfg, data, teacher_spec)
+    teacher_onnx = export_onnx_bytes(teacher, data.input_shape)
+    teacher_test = softmax_np(predict_logits(teacher, data.test.x))
+    teacher_server = softmax_np(predict_logits(teacher, data.server_test.x))
+    public_probs = public_soft_targets(teacher, data, cfg.kd.temperature)
+
+    torch.manual_seed(cfg.seed)
+    init = build_model(student_spec)
+    random_init = copy.deepcopy(init)
+    warm = copy.deepcopy(init)
+    if cfg.train.warm_start_epochs > 0:
+        distill_on_public(
+            warm, public_probs, data, cfg, epochs=cfg.train.warm_start_epochs, seed=cfg.seed
+        )
+    student, rounds = run_federation(
+        grid,
+        cfg,
+        data,
+        student_spec,
+        warm,
+        mode="kd",
+        teacher=teacher,
+        teacher_onnx=teacher_onnx,
+        label="edgekd",
+        show_progress=show_progress,
+    )
+
+    def summary(model: nn.Module) -> dict[str, Any]:
+        probs = softmax_np(predict_logits(model, data.test.x))
+        n = count_params(model)
+        return model_summary(
+            probs, data.test.y, data.num_classes, params=n, nbytes=4 * n, teacher_probs=teacher_test
+        )
+
+    report: dict[str, Any] = {
+        "edgekd_version": __version__,
+        "config": cfg.to_flat(),
+        "dataset": {
+            "name": cfg.data.dataset,
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+            "client_shift": cfg.data.client_shift,
+            "partition": cfg.data.partition,
+            "public": len(data.public),
+            "server_test": len(data.server_test),
+            "device_pool": len(data.pool),
+            "test": len(data.test),
+        },
+        "teacher": {
+            **summary(teacher),
+            "server_domain_accuracy": float(
+                (teacher_server.argmax(1) == data.server_test.y).mean()
+            ),
+            "onnx_sha256": sha256_hex(teacher_onnx),
+            "onnx_bytes": len(teacher_onnx),
+        },
+        "student": {
+            **summary(student),
+            "warm_start_accuracy": rounds[0].get("accuracy"),
+            "dark_knowledge": dark_knowledge(
+                softmax_np(predict_logits(student, data.test.x)), data.test.y, data.num_classes
+            ),
+        },
+        "rounds": rounds,
+        "communication": {
+            "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "bytes_up": sum(r["bytes_up"] for r in rounds),
+        },
+    }
+    baseline_rounds = None
+    if cfg.baseline:
+        server_only = copy.deepcopy(init)
+        budget = cfg.train.warm_start_epochs + cfg.train.num_rounds * cfg.train.local_epochs
+        distill_on_public(server_only, public_probs, data, cfg, epochs=budget, seed=cfg.seed)
+        report["server_only"] = {**summary(server_only), "epochs": budget}
+        baseline, baseline_rounds = run_federation(
+            grid,
+            cfg,
+            data,
+            student_spec,
+            random_init,
+            mode="ce",
+            teacher=None,
+            teacher_onnx=teacher_onnx,
+            label="fedavg baseline",
+            show_progress=show_progress,
+        )
+        report["baseline"] = summary(baseline)
+        report["baseline_rounds"] = baseline_rounds
+    report["seconds"] = time.perf_counter() - started
+
+    save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
+    save_checkpoint(student, student_spec, str(out_dir / "student.pt"))
+    write_rounds(out_dir / "rounds.jsonl", rounds)
+    write_plots(
+        out_dir,
+        rounds,
+        softmax_np(predict_logits(student, data.test.x)),
+        data.test.y,
+        baseline_rounds,
+    )
+    write_json_atomic(out_dir / "report.json", report)
+    return out_dir
+
+
+def make_server_app(cfg: EdgeKDConfig | None = None, show_progress: bool = True) -> ServerApp:
+    """A ServerApp bound to ``cfg``; with None it reads the run's ``run_config``."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
+        out = run_edgekd(grid, run_cfg, show_progress=show_progress)
+        log.warning("edgekd: report written to %s", out / "report.json")
+
+    return server_app
+
+
+app = make_server_app()
