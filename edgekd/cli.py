@@ -13,12 +13,11 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edgekd.common.config import ConfigError, EdgeKDConfig
 
@@ -27,23 +26,33 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line."""
 
 
-def build_config(args: argparse.Namespace) -> EdgeKDConfig:
-    """Defaults ← ``--config FILE`` ← ``--set key=value`` ← the named flags."""
-    cfg = EdgeKDConfig()
-    if args.config:
-        path = Path(args.config)
+def build_config(
+    config_file: str | None,
+    sets: list[str] | None,
+    flags: dict[str, Any],
+    base: EdgeKDConfig | None = None,
+) -> EdgeKDConfig:
+    """``base`` (the defaults) ← ``--config FILE`` ← ``--set key=value`` ← named flags."""
+    cfg = base or EdgeKDConfig()
+    if config_file:
+        path = Path(config_file)
         try:
             cfg = cfg.with_overrides(tomllib.loads(path.read_text()))
         except FileNotFoundError:
             raise UsageError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    sets: dict[str, Any] = {}
-    for item in args.set or []:
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise UsageError(f"--set expects key=value, got '{item}'")
-        sets[key.strip()] = value.strip().strip("\"'")
+        overrides[key.strip()] = value.strip().strip("\"'")
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return cfg.with_overrides(overrides)
+
+
+def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
     flags = {
         "data.dataset": args.dataset,
         "data.partition": args.partition,
@@ -54,8 +63,7 @@ def build_config(args: argparse.Namespace) -> EdgeKDConfig:
         "baseline": True if args.baseline else None,
         "model.teacher-path": args.teacher,
     }
-    sets.update({k: v for k, v in flags.items() if v is not None})
-    cfg = cfg.with_overrides(sets)
+    cfg = build_config(args.config, args.set, flags)
     if args.num_clients < 1:
         raise UsageError(f"--num-clients must be >= 1, got {args.num_clients}")
     train = replace(cfg.train, min_nodes=min(cfg.train.min_nodes, args.num_clients))
@@ -83,7 +91,7 @@ def preflight(cfg: EdgeKDConfig) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    cfg = simulate_config(args)
     preflight(cfg)
     from flwr.simulation import run_simulation
 
@@ -91,7 +99,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from edgekd.server.app import make_server_app
 
     if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower warns that run_simulation is deprecated in favour of `flwr run`; both
+        # are supported here, so keep the progress bars readable.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     print(
         f"edgekd simulate: {cfg.data.dataset}, {args.num_clients} clients, "
         f"{cfg.train.num_rounds} rounds, partition {cfg.data.partition}, "
@@ -116,6 +127,41 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     print_summary(json.loads(report_path.read_text()))
     print(f"report: {report_path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Fidelity of a student (torch, ONNX or TFLite) against the teacher."""
+    from edgekd.inspect import ModelFileError, render_markdown, run_inspect
+
+    run = Path(args.run) if args.run else None
+    if run is not None and not (run / "report.json").exists():
+        raise UsageError(f"--run {run}: no report.json there (expected a simulate run folder)")
+    teacher = args.teacher or (str(run / "teacher.pt") if run else None)
+    student = args.student or (str(run / "student.pt") if run else None)
+    if teacher is None or student is None:
+        raise UsageError("give --teacher and --student, or --run RUN_DIR")
+    base = EdgeKDConfig()
+    if run is not None:  # the data the run was trained on, unless flags say otherwise
+        base = base.with_overrides(json.loads((run / "report.json").read_text())["config"])
+    flags = {"data.dataset": args.dataset, "data.data-dir": args.data_dir, "seed": args.seed}
+    cfg = build_config(args.config, args.set, flags, base=base)
+    out = Path(args.out_dir or (run / "fidelity" if run else "fidelity"))
+    try:
+        report = run_inspect(
+            teacher,
+            student,
+            dataset_cfg=cfg.data,
+            seed=cfg.seed,
+            out_dir=out,
+            bootstrap=args.bootstrap,
+            calibrate=args.calibrate,
+            compressed_path=args.compressed,
+        )
+    except ModelFileError as exc:
+        raise UsageError(str(exc)) from None
+    print(render_markdown(report))
+    print(f"fidelity report: {out / 'fidelity.md'}")
     return 0
 
 
@@ -165,6 +211,23 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
     sim.set_defaults(func=cmd_simulate)
+
+    ins = sub.add_parser("inspect", help="fidelity of a student against its teacher")
+    ins.add_argument("--run", help="a simulate run folder: its teacher.pt, student.pt and data")
+    ins.add_argument("--teacher", help="teacher checkpoint (.pt)")
+    ins.add_argument("--student", help="student: .pt checkpoint, .onnx or .tflite file")
+    ins.add_argument("--compressed", help="compressed .pt student for per-layer robustness")
+    ins.add_argument("--config", help="TOML file with data keys (see README)")
+    ins.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
+    ins.add_argument("--dataset", help="dataset the models were trained for")
+    ins.add_argument("--data-dir", help="folder with the IDX / CIFAR files")
+    ins.add_argument("--seed", type=int, help="data and bootstrap seed (the run's)")
+    ins.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
+    ins.add_argument(
+        "--calibrate", action="store_true", help="also fit temperature scaling on the public split"
+    )
+    ins.add_argument("--out", dest="out_dir", help="folder for fidelity.json/.md and PNGs")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 

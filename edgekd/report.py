@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.common.kd import max_dark_knowledge_entropy
+from edgekd.common.fidelity import dark_knowledge_entropy_np, max_dark_knowledge_entropy_np
 from edgekd.common.metrics import (
     classification_metrics,
     mean_kl,
@@ -53,12 +53,10 @@ def model_summary(
 
 def dark_knowledge(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Mean entropy of the non-target distribution, next to its maximum ln(C−1)."""
-    keep = np.ones_like(probs, dtype=bool)
-    keep[np.arange(len(labels)), labels] = False
-    p = probs[keep].reshape(len(labels), num_classes - 1)
-    p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
-    ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1).mean()
-    return {"entropy": float(ent), "max": max_dark_knowledge_entropy(num_classes)}
+    return {
+        "entropy": dark_knowledge_entropy_np(probs, labels),
+        "max": max_dark_knowledge_entropy_np(num_classes),
+    }
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -47,29 +47,30 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     num_rounds: int = 20
-    local_epochs: int = 2
-    lr: float = 3e-3  # Adam; tau^2-scaled KD with SGD lr 0.05 diverged at Dirichlet 0.1
+    local_epochs: int = 3
+    lr: float = 1e-2  # Adam, with clipping: fastest stable setting found on mnist1d
     optimizer: str = "adam"
     batch_size: int = 32
     clip_norm: float = 2.0  # bounds the step when a tiny class has a large weight
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.25  # federated evaluation on a sample of clients
     min_nodes: int = 2
-    warm_start_epochs: int = 30  # server-side KD on the public split before round 1
+    warm_start_epochs: int = 60  # server-side KD on the public split before round 1
     round_timeout: float = 600.0  # never wait without bound for a reply
 
 
 @dataclass(frozen=True)
 class KDConfig:
     temperature: float = 4.0
-    alpha: float = 0.5  # weight of CE; (1 - alpha) goes to the tau^2-scaled KL term
+    alpha: float = 0.8  # CE weight: device labels beat a teacher that is off-domain there
     class_weighting: bool = True  # inverse-frequency weights, bounded and normalised
     max_class_weight: float = 5.0
     reference_batch: int = 32  # B0 in T(B) = T0 * (B0 / B)^(1/4)
     soft_targets: str = "on-device"  # on-device | proxy
     proxy_size: int = 1000  # public samples shipped with teacher probabilities in proxy mode
     hint_weight: float = 0.0  # FitNets hint loss weight (0 = off); on-device torch only
-    server_distill_epochs: int = 0  # FedDF-style KD on the public split after each round
+    server_distill_epochs: int = 1  # FedDF-style KD on the public split after each round
+    server_distill_lr: float = 1e-3  # Adam; a gentle step that keeps what clients learned
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class EdgeKDConfig:
         _check(k.proxy_size >= 1, "kd.proxy-size must be >= 1")
         _check(k.hint_weight >= 0, "kd.hint-weight must be >= 0")
         _check(k.server_distill_epochs >= 0, "kd.server-distill-epochs must be >= 0")
+        _check(k.server_distill_lr > 0, "kd.server-distill-lr must be > 0")
 
     def to_flat(self) -> dict[str, Any]:
         """The config as flat dotted keys, the form Flower's run_config uses."""

@@ -220,7 +220,7 @@ def _partition_indices(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=int(arg),
-            class_assignment_mode="deterministic",
+            class_assignment_mode="first-deterministic",
             shuffle=True,
             seed=seed,
         )

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from edgekd.common.errors import one_line_error
+
 FEATURE_LAYER = "features"
 
 
@@ -136,7 +138,7 @@ def load_checkpoint(path: str, expected: ModelSpec | None = None) -> tuple[nn.Mo
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line_error(exc)}") from None
     if expected is not None:
         diffs = [
             f"{k}={getattr(spec, k)!r} (expected {getattr(expected, k)!r})"

@@ -16,6 +16,7 @@ from torch import nn
 from edgekd.common.kd import (
     HintLoss,
     class_balanced_kd_loss,
+    gradient_norm_balance,
     inverse_frequency_class_weights,
     sample_weights_for,
     soft_targets,
@@ -81,7 +82,9 @@ def kd_train(
 
     ``teacher_probs`` are the teacher's probabilities at ``settings.temperature``
     (None: plain cross-entropy). With ``hint_weight > 0`` and a torch ``teacher``,
-    a FitNets hint term on the ``features`` layer is added with that fixed weight.
+    a FitNets hint term on the ``features`` layer (scaled by ``hint_weight``) is mixed
+    with the KD/CE term by the gradient-norm balance of
+    `edgekd.common.kd.gradient_norm_balance`.
     Returns the mean loss of the last epoch and the step count.
     """
     if len(y) == 0:
@@ -138,7 +141,11 @@ def kd_train(
             if hint is not None and teacher is not None:
                 with torch.no_grad(), capture_features(teacher) as tfeats:
                     teacher(xt[idx])
-                loss = loss + settings.hint_weight * hint(feats["features"], tfeats["features"])
+                feat_loss = settings.hint_weight * hint(feats["features"], tfeats["features"])
+                # Balance the terms by their gradient norms at the student feature, so
+                # neither the hint nor the KD/CE term dominates the shared layers.
+                a = gradient_norm_balance(loss, feat_loss, feats["features"])
+                loss = a * feat_loss + (1.0 - a) * loss
             if not torch.isfinite(loss):
                 raise DivergenceError(f"non-finite loss {loss.item()} during local training")
             opt.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ from edgekd.common.data import FederatedData, load_federated_data
 from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
+from edgekd.deploy.quantize import quantize_onnx_int8
 from edgekd.payload import record_to_state, state_to_record
 from edgekd.report import (
     dark_knowledge,
@@ -140,7 +141,8 @@ def run_federation(
                 cfg,
                 epochs=k.server_distill_epochs,
                 seed=cfg.seed + server_round,
-                lr=t.lr,
+                lr=k.server_distill_lr,
+                teacher=teacher,
             )
             return state_to_record(model_state(student))
 
@@ -198,7 +200,9 @@ def _metric(record: MetricRecord | None, key: str) -> float | None:
 def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:
     """The server side of one run; returns the run folder."""
     started = time.perf_counter()
-    out_dir = Path(cfg.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    # Absolute, so the log names it: under `flwr run` the working directory is wherever
+    # the local SuperLink was first started, not the app folder.
+    out_dir = Path(cfg.out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     data = load_federated_data(cfg.data, cfg.seed)
@@ -218,7 +222,13 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     warm = copy.deepcopy(init)
     if cfg.train.warm_start_epochs > 0:
         distill_on_public(
-            warm, public_probs, data, cfg, epochs=cfg.train.warm_start_epochs, seed=cfg.seed
+            warm,
+            public_probs,
+            data,
+            cfg,
+            epochs=cfg.train.warm_start_epochs,
+            seed=cfg.seed,
+            teacher=teacher,
         )
     student, rounds = run_federation(
         grid,
@@ -279,7 +289,9 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     if cfg.baseline:
         server_only = copy.deepcopy(init)
         budget = cfg.train.warm_start_epochs + cfg.train.num_rounds * cfg.train.local_epochs
-        distill_on_public(server_only, public_probs, data, cfg, epochs=budget, seed=cfg.seed)
+        distill_on_public(
+            server_only, public_probs, data, cfg, epochs=budget, seed=cfg.seed, teacher=teacher
+        )
         report["server_only"] = {**summary(server_only), "epochs": budget}
         baseline, baseline_rounds = run_federation(
             grid,
@@ -307,8 +319,38 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         data.test.y,
         baseline_rounds,
     )
+    student_onnx = export_onnx_bytes(student, data.input_shape)
+    (out_dir / "student.onnx").write_bytes(student_onnx)
+    (out_dir / "student.int8.onnx").write_bytes(
+        quantize_onnx_int8(student_onnx, data.public.x[: cfg.kd.proxy_size])
+    )
+    write_json_atomic(out_dir / "report.json", report)
+    report["fidelity"] = fidelity_summaries(out_dir, cfg)
     write_json_atomic(out_dir / "report.json", report)
     return out_dir
+
+
+def fidelity_summaries(out_dir: Path, cfg: EdgeKDConfig) -> dict[str, Any]:
+    """`edgekd inspect` of the FP32 and the INT8 ONNX student, each into its own folder.
+
+    A failure here is logged and recorded, never allowed to lose the finished run."""
+    from edgekd.inspect import run_inspect, summarize
+
+    out: dict[str, Any] = {}
+    for name, student in (("fp32", "student.pt"), ("int8_onnx", "student.int8.onnx")):
+        try:
+            full = run_inspect(
+                str(out_dir / "teacher.pt"),
+                str(out_dir / student),
+                dataset_cfg=cfg.data,
+                seed=cfg.seed,
+                out_dir=out_dir / f"fidelity-{name.replace('_', '-')}",
+            )
+            out[name] = summarize(full)
+        except Exception as exc:  # noqa: BLE001 - the run's results are already saved
+            log.warning("fidelity report for %s failed: %s", student, exc)
+            out[name] = {"error": str(exc)}
+    return out
 
 
 def make_server_app(cfg: EdgeKDConfig | None = None, show_progress: bool = True) -> ServerApp:
@@ -319,7 +361,7 @@ def make_server_app(cfg: EdgeKDConfig | None = None, show_progress: bool = True)
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
         out = run_edgekd(grid, run_cfg, show_progress=show_progress)
-        log.warning("edgekd: report written to %s", out / "report.json")
+        log.info("edgekd: report written to %s", out / "report.json")
 
     return server_app
 

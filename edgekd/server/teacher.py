@@ -53,8 +53,10 @@ def distill_on_public(
     epochs: int,
     seed: int,
     lr: float | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """KD of ``student`` toward the teacher's soft targets on the public split."""
+    """KD of ``student`` toward the teacher's soft targets on the public split; with
+    ``kd.hint-weight > 0`` and the torch ``teacher``, plus a FitNets hint term."""
     settings = KDSettings(
         epochs=epochs,
         lr=lr if lr is not None else cfg.model.teacher_lr,
@@ -63,6 +65,7 @@ def distill_on_public(
         alpha=cfg.kd.alpha,
         clip_norm=cfg.train.clip_norm,
         cosine=True,
+        hint_weight=cfg.kd.hint_weight,
     )
     return kd_train(
         student,
@@ -72,6 +75,7 @@ def distill_on_public(
         settings,
         num_classes=data.num_classes,
         seed=seed,
+        teacher=teacher,
     )
 
 

@@ -1,0 +1,117 @@
+"""Local KD update and the on-device ONNX teacher, without Flower."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.client.teacher_cache import TeacherMissingError, teacher_logits, teacher_session
+from edgekd.client.trainer import RoundSettings, evaluate_state, local_kd_update, model_state
+from edgekd.common.data import ArrayDataset
+from edgekd.common.models import build_model, spec_for
+from edgekd.common.training import predict_logits, softmax_np
+from edgekd.deploy.onnx_export import export_onnx_bytes
+
+SPEC = spec_for((1, 40), 10, 4)
+
+
+def _settings(**kw: object) -> RoundSettings:
+    base = dict(
+        mode="kd",
+        local_epochs=3,
+        lr=3e-3,
+        optimizer="adam",
+        batch_size=16,
+        clip_norm=2.0,
+        temperature=4.0,
+        alpha=0.5,
+        class_weighting=True,
+        max_class_weight=5.0,
+        reference_batch=16,
+        seed=0,
+    )
+    base.update(kw)
+    return RoundSettings(**base)  # type: ignore[arg-type]
+
+
+def _data(n: int = 200) -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, size=n)
+    x = rng.normal(size=(n, 1, 40)).astype(np.float32) + y[:, None, None].astype(np.float32) / 3
+    return ArrayDataset(x, y.astype(np.int64))
+
+
+def test_local_kd_update_moves_toward_the_teacher() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    teacher = build_model(spec_for((1, 40), 10, 8))
+    data = _data()
+    logits = predict_logits(teacher, data.x)
+    state = model_state(build_model(SPEC))
+    t_probs = softmax_np(logits)
+
+    def kl(s: dict[str, np.ndarray]) -> float:
+        from edgekd.client.trainer import load_state
+
+        p = softmax_np(predict_logits(load_state(SPEC, s), data.x))
+        return float((t_probs * (np.log(t_probs) - np.log(p))).sum(1).mean())
+
+    # Execute
+    new_state, metrics = local_kd_update(
+        SPEC, state, data, _settings(alpha=0.0), teacher_logits=logits
+    )
+
+    # Assert
+    assert np.isfinite(metrics["train-loss"])
+    assert kl(new_state) < 0.5 * kl(state)
+    assert set(new_state) == set(state)
+
+
+def test_temperature_follows_the_batch_size() -> None:
+    data = _data(64)
+    _, metrics = local_kd_update(
+        SPEC,
+        model_state(build_model(SPEC)),
+        data,
+        _settings(batch_size=1, local_epochs=1),
+        teacher_logits=np.zeros((64, 10), dtype=np.float32),
+    )
+    assert metrics["temperature"] == pytest.approx(4.0 * 16**0.25)
+
+
+def test_ce_mode_and_proxy_mode_learn_the_labels() -> None:
+    data = _data(300)
+    state = model_state(build_model(SPEC))
+    before = evaluate_state(SPEC, state, data)["accuracy"]
+    ce_state, _ = local_kd_update(
+        SPEC, state, data, _settings(mode="ce", local_epochs=5), teacher_logits=None
+    )
+    probs = np.eye(10, dtype=np.float32)[data.y] * 0.9 + 0.01
+    px_state, _ = local_kd_update(
+        SPEC, state, data, _settings(local_epochs=5), teacher_logits=None, proxy=(data.x, probs)
+    )
+    assert evaluate_state(SPEC, ce_state, data)["accuracy"] > before + 0.2
+    assert evaluate_state(SPEC, px_state, data)["accuracy"] > before + 0.2
+
+
+def test_onnx_teacher_is_cached_by_hash_and_matches_torch(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp_path))
+    teacher = build_model(SPEC)
+    blob = export_onnx_bytes(teacher, (1, 40))
+    digest = hashlib.sha256(blob).hexdigest()
+    x = _data(8).x
+
+    # Execute
+    session = teacher_session(digest, blob)
+
+    # Assert
+    np.testing.assert_allclose(teacher_logits(session, x), predict_logits(teacher, x), atol=1e-4)
+    assert (tmp_path / "teachers" / f"{digest}.onnx").read_bytes() == blob
+    with pytest.raises(ValueError, match="hash"):
+        teacher_session("0" * 64, blob)
+    with pytest.raises(TeacherMissingError):
+        teacher_session("1" * 64, None)
