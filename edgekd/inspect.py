@@ -18,7 +18,9 @@ Definitions the report relies on, beyond those modules' docstrings:
   differ in dimension and scale, so compare the curves' shapes, not a single epsilon;
 * minority/majority classes are split at the median class count of the device pool,
   the data the federated student was distilled on;
-* with ``calibrate`` the temperature is fitted on the public split, which is the server
+* with ``calibrate`` the temperature is fitted on the server's held-out test split
+  (``server_test``: server-held, never trained on; the public split is the teacher's
+  training data, where it is overconfident by construction), which is the server
   domain; the test split is the (shifted) device domain, so the calibrated scores show how
   well a server-side calibration carries over to the devices.
 """
@@ -339,7 +341,7 @@ def run_inspect(
         seed: Data seed (as in the run) and bootstrap/PGD seed.
         out_dir: Where ``fidelity.json``, ``fidelity.md`` and the PNGs go (created).
         bootstrap: Bootstrap resamples per model.
-        calibrate: Also fit a temperature per model on the public split and score the
+        calibrate: Also fit a temperature per model on the server's held-out split and score the
             calibrated probabilities.
         compressed_path: Optional compressed torch checkpoint of the student's
             architecture; with a torch student, each layer's effect on FGSM accuracy is
@@ -381,7 +383,7 @@ def run_inspect(
             "num_classes": k,
             "class_names": data.class_names,
             "pool_class_counts": [int(c) for c in class_counts],
-            "calibration_split": "public" if calibrate else None,
+            "calibration_split": "server_test" if calibrate else None,
         },
         "settings": {
             "bootstrap_resamples": bootstrap,
@@ -395,9 +397,9 @@ def run_inspect(
         block.update(_scores(logits[role], y, k, class_counts, bootstrap=bootstrap, seed=seed))
         reliability[role] = reliability_bins(apply_temperature(logits[role], 1.0), y)
         if calibrate:
-            calib_logits = model.predict(data.public.x).astype(np.float64)
+            calib_logits = model.predict(data.server_test.x).astype(np.float64)
             block["calibrated"], calibrated = _calibration(
-                calib_logits, data.public.y, logits[role], y, k
+                calib_logits, data.server_test.y, logits[role], y, k
             )
             reliability[f"{role}_calibrated"] = reliability_bins(calibrated, y)
         report[role] = block
@@ -411,9 +413,26 @@ def run_inspect(
         "uq": uq_fidelity(report["teacher"]["bootstrap"], report["student"]["bootstrap"]),
     }
 
-    robustness = _robustness(models, x, y, seed)
+    robust_models = dict(models)
+    if compressed is not None:
+        robust_models["compressed"] = compressed
+    robustness = _robustness(robust_models, x, y, seed)
     for role in models:
         report[role]["robustness"] = robustness[role]
+    if compressed is not None:
+        report["compressed"] = {
+            "path": compressed.path,
+            "format": compressed.format,
+            "accuracy": float((compressed.predict(x).argmax(1) == y).mean()),
+            "robustness": robustness["compressed"],
+        }
+    if calibrate and models["student"].torch_model is not None:
+        report["student"]["calibrated"]["export"] = _export_calibrated(
+            models["student"].torch_model,
+            report["student"]["calibrated"]["temperature"],
+            data.input_shape,
+            Path(out_dir) / "student.calibrated.onnx",
+        )
     report["layer_sensitivity"] = _layer_sensitivity(models["student"], compressed, x, y)
 
     out_dir = Path(out_dir)
@@ -422,6 +441,27 @@ def run_inspect(
     _write_json(out_dir / "fidelity.json", report)
     (out_dir / "fidelity.md").write_text(render_markdown(report))
     return report
+
+
+def _export_calibrated(
+    model: nn.Module, temperature: float, input_shape: tuple[int, ...], path: Path
+) -> str:
+    """Carry the fitted temperature into an ONNX export: logits / T."""
+    import torch
+
+    from edgekd.deploy.onnx_export import export_onnx_bytes
+
+    class TemperatureScaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) / temperature
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(export_onnx_bytes(TemperatureScaled(), input_shape))
+    return str(path)
 
 
 def _layer_sensitivity(
@@ -550,7 +590,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _table(["metric", "teacher", "student"], rows)
 
     if "calibrated" in t:
-        lines += ["## Temperature scaling (fitted on the public split)", ""]
+        lines += ["## Temperature scaling (fitted on the server's held-out split)", ""]
         rows = [
             [role, _fmt(b["calibrated"]["temperature"], 3)]
             + [f"{_fmt(b[m])} → {_fmt(b['calibrated'][m])}" for m in ("ece", "nll", "brier")]
@@ -588,7 +628,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += _table(["class", "pool count", "teacher", "student"], rows)
 
-    lines += _robustness_markdown(t["robustness"], s["robustness"])
+    robust = {"teacher": t["robustness"], "student": s["robustness"]}
+    if "compressed" in report:
+        c = report["compressed"]
+        robust["compressed"] = c["robustness"]
+        lines += [f"Compressed student `{c['path']}`: accuracy {_fmt(c['accuracy'])}.", ""]
+    lines += _robustness_markdown(robust)
     sensitivity = report["layer_sensitivity"]
     lines += ["## Layer sensitivity (FGSM)", ""]
     if isinstance(sensitivity, str):
@@ -599,19 +644,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             for r in sensitivity["layers"]
         ]
         lines += _table(["layer swapped to compressed", "FGSM accuracy", "change"], rows)
+        if sensitivity["layers"]:
+            top = sensitivity["layers"][0]
+            lines += [
+                f"Compressing `{top['layer']}` moved FGSM accuracy most ({_fmt(top['delta'])}).",
+                "",
+            ]
     return "\n".join(lines)
 
 
-def _robustness_markdown(t: dict[str, Any], s: dict[str, Any]) -> list[str]:
+def _robustness_markdown(blocks: dict[str, dict[str, Any]]) -> list[str]:
+    """Adversarial and certified accuracy for every model that has a torch form."""
     lines = ["## Adversarial accuracy (input space, L-inf)", ""]
-    for role, block in (("teacher", t), ("student", s)):
+    for role, block in blocks.items():
         if isinstance(block["adversarial"], str):
             lines += [f"{role}: {block['adversarial']}.", ""]
-    attacked = [
-        (role, b)
-        for role, b in (("teacher", t), ("student", s))
-        if isinstance(b["adversarial"], list)
-    ]
+    attacked = [(role, b) for role, b in blocks.items() if isinstance(b["adversarial"], list)]
     if attacked:
         header = ["eps (× input std)"]
         for role, _ in attacked:
@@ -629,11 +677,9 @@ def _robustness_markdown(t: dict[str, Any], s: dict[str, Any]) -> list[str]:
 
     lines += ["## Certified accuracy of the linear head (feature space, L-inf)", ""]
     certified = [
-        (role, b["certificate"])
-        for role, b in (("teacher", t), ("student", s))
-        if isinstance(b["certificate"], dict)
+        (role, b["certificate"]) for role, b in blocks.items() if isinstance(b["certificate"], dict)
     ]
-    for role, block in (("teacher", t), ("student", s)):
+    for role, block in blocks.items():
         if isinstance(block["certificate"], str):
             lines += [f"{role}: {block['certificate']}.", ""]
     if certified:
@@ -659,7 +705,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a fidelity report, for ``report.json``'s ``fidelity``."""
     student, teacher, fid = report["student"], report["teacher"], report["fidelity"]
     adversarial = student.get("robustness", {}).get("adversarial")
-    return {
+    out = {
         "student": student["path"],
         "format": student["format"],
         "accuracy": student["accuracy"],
@@ -675,7 +721,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         **fid["rank_order"],
         "uq": fid["uq"],
         "dark_knowledge": student["dark_knowledge"],
-        "fgsm_accuracy": adversarial
-        if isinstance(adversarial, str)
-        else [row["fgsm_accuracy"] for row in adversarial],
+        "fgsm_accuracy": _fgsm_row(adversarial),
     }
+    if "compressed" in report:
+        out["compressed_accuracy"] = report["compressed"]["accuracy"]
+        out["compressed_fgsm_accuracy"] = _fgsm_row(
+            report["compressed"]["robustness"]["adversarial"]
+        )
+    layers = report.get("layer_sensitivity")
+    if isinstance(layers, dict) and layers["layers"]:
+        out["most_sensitive_layer"] = layers["layers"][0]["layer"]
+    return out
+
+
+def _fgsm_row(adversarial: list[dict[str, float]] | str) -> list[float] | str:
+    if isinstance(adversarial, str):
+        return adversarial
+    return [row["fgsm_accuracy"] for row in adversarial]

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
-from edgekd.common.models import ModelSpec, spec_for
+from edgekd.common.specs import ModelSpec, spec_for
 from edgekd.payload import record_to_state, state_to_record
 
 if TYPE_CHECKING:  # the trainer imports torch; onnxruntime/LiteRT nodes never load it

@@ -13,29 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from edgekd.common.errors import one_line_error
+from edgekd.common.specs import ModelSpec, spec_for
+
+__all__ = ["ModelSpec", "spec_for", "build_model", "count_params", "capture_features"]
 
 FEATURE_LAYER = "features"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model; stored in every checkpoint."""
-
-    family: str  # "cnn1d" | "cnn2d"
-    in_channels: int
-    input_size: int  # sequence length (1-D) or image side (2-D)
-    num_classes: int
-    width: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class CNN1d(nn.Module):
@@ -81,15 +69,6 @@ class CNN2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.flatten(self.features(x), 1))
-
-
-def spec_for(input_shape: tuple[int, ...], num_classes: int, width: int) -> ModelSpec:
-    """Pick the family from the input shape: (C, L) → cnn1d, (C, H, W) → cnn2d."""
-    if len(input_shape) == 2:
-        return ModelSpec("cnn1d", input_shape[0], input_shape[1], num_classes, width)
-    if len(input_shape) == 3:
-        return ModelSpec("cnn2d", input_shape[0], input_shape[2], num_classes, width)
-    raise ValueError(f"no model family for input shape {input_shape}")
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

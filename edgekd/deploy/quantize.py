@@ -7,10 +7,15 @@ public/proxy split): the Raspberry Pi profile's format.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def quantize_onnx_int8(
@@ -56,3 +61,24 @@ def quantize_onnx_int8(
             calibrate_method=CalibrationMethod.MinMax,
         )
         return dst.read_bytes()
+
+
+def int8_weight_fake_quant(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose conv/linear weights are rounded to symmetric INT8 per
+    output channel (scale = max|w_c| / 127) and stored back as floats.
+
+    The torch twin of the INT8 export: it runs the robustness analyses (attacks,
+    certificates, per-layer sensitivity) that need gradients and head features.
+    """
+    import torch
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in out.modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+                w = module.weight
+                flat = w.reshape(w.shape[0], -1)
+                scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+                q = torch.round(flat / scale[:, None]).clamp(-127, 127)
+                w.copy_((q * scale[:, None]).reshape(w.shape))
+    return out

@@ -28,7 +28,7 @@ from edgekd.common.data import FederatedData, load_federated_data
 from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
-from edgekd.deploy.quantize import quantize_onnx_int8
+from edgekd.deploy.quantize import int8_weight_fake_quant, quantize_onnx_int8
 from edgekd.payload import record_to_state, state_to_record
 from edgekd.report import (
     dark_knowledge,
@@ -319,6 +319,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         data.test.y,
         baseline_rounds,
     )
+    save_checkpoint(int8_weight_fake_quant(student), student_spec, str(out_dir / "student.int8.pt"))
     student_onnx = export_onnx_bytes(student, data.input_shape)
     (out_dir / "student.onnx").write_bytes(student_onnx)
     (out_dir / "student.int8.onnx").write_bytes(
@@ -345,6 +346,7 @@ def fidelity_summaries(out_dir: Path, cfg: EdgeKDConfig) -> dict[str, Any]:
                 dataset_cfg=cfg.data,
                 seed=cfg.seed,
                 out_dir=out_dir / f"fidelity-{name.replace('_', '-')}",
+                compressed_path=str(out_dir / "student.int8.pt") if name == "fp32" else None,
             )
             out[name] = summarize(full)
         except Exception as exc:  # noqa: BLE001 - the run's results are already saved

@@ -40,6 +40,9 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
             "train.warm-start-epochs=1",
             "train.local-epochs=1",
             "train.min-nodes=2",
+            # The Ray test covers the on-device ONNX teacher; this one the proxy mode.
+            "kd.soft-targets='proxy'",
+            "kd.proxy-size=200",
             f"out-dir='{out_dir}'",
         ]
     )
@@ -88,3 +91,7 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
     # The --run-config overrides reached the ServerApp.
     assert report["config"]["train.num-rounds"] == NUM_ROUNDS
     assert report["config"]["data.num-samples"] == 2000
+    assert report["config"]["kd.soft-targets"] == "proxy"
+    # Proxy mode ships public inputs with teacher probabilities every round, no ONNX teacher.
+    assert report["rounds"][1]["bytes_down"] == report["rounds"][2]["bytes_down"]
+    assert report["rounds"][1]["bytes_up"] > 0
