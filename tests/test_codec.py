@@ -1,0 +1,236 @@
+"""Payload codec: exact masks, INT8 values within half a step, INT8 deltas with error
+feedback, one-line PayloadErrors naming the array, and the wire size it buys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from edgekd.codec import (
+    decode_delta,
+    decode_state,
+    encode_delta,
+    encode_state,
+    encoded_nbytes,
+)
+from edgekd.payload import PayloadError
+
+
+def _state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.normal(size=(8, 3, 5)).astype(np.float32),
+        "conv.bias": rng.normal(size=8).astype(np.float32),
+        "head.weight": rng.normal(size=(10, 40)).astype(np.float32),
+        "head.bias": rng.normal(size=10).astype(np.float32),
+    }
+
+
+def _magnitude_masks(state: dict[str, np.ndarray], sparsity: float) -> dict[str, np.ndarray]:
+    masks = {}
+    for name, value in state.items():
+        if name.endswith(".weight"):
+            threshold = np.quantile(np.abs(value), sparsity)
+            masks[name] = np.abs(value) > threshold
+    return masks
+
+
+def _half_step(scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    per_channel = scales.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) >= 2 else scales
+    return np.broadcast_to(per_channel / 2, shape)
+
+
+def test_masks_round_trip_exactly_and_values_within_half_a_step() -> None:
+    state = _state()
+    masks = _magnitude_masks(state, 0.8)
+    for name, mask in masks.items():
+        state[name] = np.where(mask, state[name], 0.0).astype(np.float32)
+
+    record = encode_state(state, masks=masks, int8=True)
+    decoded, decoded_masks = decode_state(record, state)
+
+    assert sorted(record.keys()) == sorted(
+        [f"{n}::{part}" for n in masks for part in ("mask", "values", "scale")]
+        + [f"{n}::{part}" for n in ("conv.bias", "head.bias") for part in ("values", "scale")]
+    )
+    assert decoded_masks.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert np.array_equal(decoded_masks[name], mask)
+        assert np.all(decoded[name][~mask] == 0.0)
+    for name, value in state.items():
+        scales = np.frombuffer(record[f"{name}::scale"].data, dtype="<f4")
+        assert decoded[name].dtype == np.float32 and decoded[name].shape == value.shape
+        assert np.all(np.abs(decoded[name] - value) <= _half_step(scales, value.shape) * (1 + 1e-6))
+
+
+def test_dense_float32_round_trips_bit_exactly_and_other_dtypes_pass_through() -> None:
+    state = {**_state(), "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+
+    decoded, masks = decode_state(encode_state(state), state)
+
+    assert masks == {}
+    for name, value in state.items():
+        assert decoded[name].dtype == value.dtype
+        assert np.array_equal(decoded[name], value)
+
+
+def test_int8_with_masks_is_at_most_an_eighth_of_dense_float32() -> None:
+    # the default student (cnn1d, width 16): 3 274 float32 parameters
+    rng = np.random.default_rng(0)
+    shapes = {
+        "features.0.weight": (16, 1, 5),
+        "features.0.bias": (16,),
+        "features.2.weight": (16, 16, 3),
+        "features.2.bias": (16,),
+        "features.4.weight": (16, 16, 3),
+        "features.4.bias": (16,),
+        "head.weight": (10, 160),
+        "head.bias": (10,),
+    }
+    state = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    masks = _magnitude_masks(state, 0.8)
+
+    dense = encoded_nbytes(encode_state(state))
+    compact = encoded_nbytes(encode_state(state, masks=masks, int8=True))
+
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert dense == 4 * 3274 == 13096
+    # packed masks 10+96+96+200 B, one int8 per kept weight, int8 biases 58 B,
+    # float32 scales: one per output channel (58) and one per bias (4)
+    assert compact == 402 + kept + 58 + 4 * (58 + 4) == 1352
+    assert compact <= dense / 8  # 1352 ≤ 1637: a ratio of 0.103
+
+
+def test_encoded_nbytes_is_the_sum_of_the_array_buffers() -> None:
+    record = encode_state(_state(), int8=True)
+
+    assert encoded_nbytes(record) == sum(len(arr.data) for arr in record.values())
+
+
+def _tamper(record: ArrayRecord, key: str, array: Array | None) -> ArrayRecord:
+    items = {k: v for k, v in record.items() if k != key}
+    if array is not None:
+        items[key] = array
+    return ArrayRecord(items)
+
+
+def _raw(values: np.ndarray) -> Array:
+    return Array(
+        dtype=values.dtype.name, shape=(values.size,), stype="edgekd.raw-le", data=values.tobytes()
+    )
+
+
+def test_truncated_mask_is_rejected_naming_the_array() -> None:
+    state = _state()
+    record = encode_state(state, masks=_magnitude_masks(state, 0.5), int8=True)
+    packed = np.frombuffer(record["head.weight::mask"].data, dtype=np.uint8)
+
+    bad = _tamper(record, "head.weight::mask", _raw(packed[:-1].copy()))
+
+    with pytest.raises(PayloadError, match=r"'head.weight::mask' holds 49 entries, expected 50"):
+        decode_state(bad, state)
+
+
+def test_nan_values_are_rejected_naming_the_array() -> None:
+    state = _state()
+    poisoned = {**state, "conv.bias": np.full(8, np.nan, dtype=np.float32)}
+
+    with pytest.raises(PayloadError, match=r"'conv.bias::values' holds NaN or Inf"):
+        decode_state(encode_state(poisoned), state)
+
+
+def test_misshapen_payload_is_rejected_naming_the_array() -> None:
+    state = _state()
+    record = encode_state(state, int8=True)
+    reference = {**state, "head.weight": np.zeros((10, 41), dtype=np.float32)}
+
+    with pytest.raises(
+        PayloadError, match=r"'head.weight::values' holds 400 entries, expected 410"
+    ):
+        decode_state(record, reference)
+
+
+@pytest.mark.parametrize(
+    ("key", "replacement", "message"),
+    [
+        ("conv.bias::scale", None, r"'conv.bias::scale' is missing"),
+        ("extra::values", np.zeros(1, np.float32), r"'extra::values' is not expected"),
+        ("conv.bias::values", np.zeros(8, np.int16), r"'conv.bias::values' has dtype int16"),
+        ("conv.bias::values", np.zeros(8, np.float32), r"'conv.bias::scale' is not expected"),
+        ("conv.bias::scale", np.array([-1.0], np.float32), r"'conv.bias::scale' holds a scale ≤ 0"),
+    ],
+)
+def test_malformed_entries_are_rejected_naming_the_array(
+    key: str, replacement: np.ndarray | None, message: str
+) -> None:
+    state = _state()
+    record = encode_state(state, int8=True)
+
+    bad = _tamper(record, key, None if replacement is None else _raw(replacement))
+
+    with pytest.raises(PayloadError, match=message):
+        decode_state(bad, state)
+
+
+def test_a_plain_npy_record_is_rejected_not_misread() -> None:
+    state = _state()
+    record = ArrayRecord({f"{n}::values": Array(v) for n, v in state.items()})
+
+    with pytest.raises(PayloadError, match=r"'conv.weight::values' has stype 'numpy.ndarray'"):
+        decode_state(record, state)
+
+
+def test_padding_bits_of_a_mask_must_be_zero() -> None:
+    state = {"w": np.ones(5, dtype=np.float32)}
+    record = encode_state(state, masks={"w": np.ones(5, dtype=bool)})
+
+    bad = _tamper(record, "w::mask", _raw(np.array([0xFF], dtype=np.uint8)))
+
+    with pytest.raises(PayloadError, match=r"'w::mask' has padding bits set"):
+        decode_state(bad, state)
+
+
+def test_delta_round_trip_within_half_a_step() -> None:
+    old = _state(0)
+    new = {
+        n: v + 0.01 * np.random.default_rng(1).normal(size=v.shape).astype(np.float32)
+        for n, v in old.items()
+    }
+
+    record, residual = encode_delta(new, old)
+    decoded = decode_delta(record, old)
+
+    assert sorted(record.keys()) == sorted(f"{n}::{p}" for n in old for p in ("values", "scale"))
+    for name in old:
+        scales = np.frombuffer(record[f"{name}::scale"].data, dtype="<f4")
+        half = _half_step(scales, old[name].shape)
+        assert np.all(np.abs(decoded[name] - new[name]) <= half * (1 + 1e-5) + 1e-7)
+        assert np.all(np.abs(residual[name]) <= half * (1 + 1e-6))
+        np.testing.assert_allclose(
+            new[name] - old[name] - residual[name], decoded[name] - old[name], atol=1e-6
+        )
+
+
+def test_error_feedback_carries_the_quantization_error_to_the_next_round() -> None:
+    # Σ_t Q(Δ_t + e_{t−1}) = Σ_t Δ_t − e_T: with feedback the sent updates add up to the
+    # true ones up to one residual; without it the per-round errors accumulate.
+    rng = np.random.default_rng(0)
+    zero = {"w": np.zeros((4, 50), dtype=np.float32)}
+    deltas = [
+        {"w": (rng.normal(size=(4, 50)) * [[1.0], [1e-3], [1e-3], [1e-3]]).astype(np.float32)}
+        for _ in range(20)
+    ]
+    sent_ef, sent_plain = np.zeros((4, 50)), np.zeros((4, 50))
+    residual: dict[str, np.ndarray] | None = {}
+
+    for delta in deltas:
+        record, residual = encode_delta(delta, zero, error_feedback=residual)
+        sent_ef += decode_delta(record, zero)["w"]
+        plain_record, _ = encode_delta(delta, zero)
+        sent_plain += decode_delta(plain_record, zero)["w"]
+
+    true = sum(d["w"].astype(np.float64) for d in deltas)
+    assert residual is not None
+    np.testing.assert_allclose(sent_ef, true - residual["w"], atol=1e-5)
+    assert np.abs(sent_ef - true).max() < np.abs(sent_plain - true).max()
