@@ -146,6 +146,10 @@ def _load_tflite(path: str) -> LoadedModel:
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
     expected = tuple(int(s) for s in source["shape"][1:])
+    # litert-torch exports a static batch (shape_signature has no -1): such a model
+    # cannot be resized, so it is fed chunks of exactly its batch size.
+    signature = source.get("shape_signature", source["shape"])
+    fixed_batch = int(source["shape"][0]) if len(signature) and signature[0] != -1 else 0
 
     def quantize(x: np.ndarray) -> np.ndarray:
         scale, zero = source.get("quantization", (0.0, 0))
@@ -167,13 +171,18 @@ def _load_tflite(path: str) -> LoadedModel:
         if expected != x.shape[1:] and expected == (*x.shape[2:], x.shape[1]):
             x = np.moveaxis(x, 1, -1)
         parts = []
-        for start in range(0, len(x), _RUNTIME_BATCH):
-            batch = x[start : start + _RUNTIME_BATCH]
-            interpreter.resize_tensor_input(source["index"], list(batch.shape))
-            interpreter.allocate_tensors()
+        step = fixed_batch or _RUNTIME_BATCH
+        for start in range(0, len(x), step):
+            batch = x[start : start + step]
+            n = len(batch)
+            if fixed_batch:  # pad the last chunk to the model's static batch size
+                batch = np.concatenate([batch, np.zeros((step - n, *batch.shape[1:]), batch.dtype)])
+            else:
+                interpreter.resize_tensor_input(source["index"], list(batch.shape))
+                interpreter.allocate_tensors()
             interpreter.set_tensor(source["index"], quantize(batch))
             interpreter.invoke()
-            parts.append(dequantize(interpreter.get_tensor(target["index"])))
+            parts.append(dequantize(interpreter.get_tensor(target["index"]))[:n])
         return np.concatenate(parts)
 
     return LoadedModel(path, "tflite", predict)

@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import itertools
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -241,14 +242,31 @@ def test_missing_student_file_is_named(model_files: dict[str, Path], tmp_path: P
         )
 
 
+FIXTURES = Path(__file__).parent / "data"
+
+
 @pytest.mark.skipif(
-    importlib.util.find_spec("ai_edge_litert") is not None
-    or importlib.util.find_spec("tflite_runtime") is not None,
-    reason="a TFLite interpreter is installed",
+    importlib.util.find_spec("ai_edge_litert") is None, reason="needs ai-edge-litert (dev extra)"
 )
+def test_tflite_student_matches_its_torch_source() -> None:
+    # student_w8.tflite was converted from student_w8.pt by litert-torch (tests/data/README.md).
+    from edgekd.inspect import load_model
+
+    x = np.random.default_rng(0).normal(size=(37, 1, 40)).astype(np.float32)
+    torch_model = load_model(FIXTURES / "student_w8.pt", (1, 40), 10)
+    tflite_model = load_model(FIXTURES / "student_w8.tflite", (1, 40), 10)
+    assert tflite_model.format == "tflite"
+    np.testing.assert_allclose(tflite_model.predict(x), torch_model.predict(x), atol=1e-4)
+
+
 def test_tflite_student_without_runtime_says_what_to_install(
-    model_files: dict[str, Path], tmp_path: Path
+    model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Both interpreters unimportable, as on a host with neither installed.
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
     student = tmp_path / "student.tflite"
     student.write_bytes(b"TFL3")
     with pytest.raises(ImportError, match="pip install ai-edge-litert"):
