@@ -12,16 +12,14 @@ from edgekd.cli import main
 
 pytestmark = pytest.mark.integration
 
-SMALL = [
-    "--set",
-    "data.num-samples=2000",
-    "--set",
-    "model.teacher-epochs=10",
-    "--set",
-    "train.warm-start-epochs=2",
-    "--set",
+# Small but real: a teacher that learns (1 200 public samples, 30 epochs), 4 clients.
+SMALL_KEYS = (
+    "data.num-samples=4000",
+    "model.teacher-epochs=30",
+    "train.warm-start-epochs=10",
     "train.local-epochs=1",
-]
+)
+SMALL = [arg for key in SMALL_KEYS for arg in ("--set", key)]
 
 
 def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
