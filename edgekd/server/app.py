@@ -62,7 +62,7 @@ class RoundTracker:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = load_state(self.spec, record_to_state(arrays))
         probs = softmax_np(predict_logits(model, self.data.test.x))
-        acc = float((probs.argmax(1) == self.data.test.y).mean())
+        acc = report_accuracy(probs, self.data.test.y)
         nll = float(
             -np.log(np.clip(probs[np.arange(len(probs)), self.data.test.y], 1e-12, None)).mean()
         )
@@ -209,7 +209,16 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     teacher_spec = spec_for(data.input_shape, data.num_classes, cfg.model.teacher_width)
     student_spec = spec_for(data.input_shape, data.num_classes, cfg.model.student_width)
 
-    log.info("training the teacher on %d public samples", len(data.public))
+    def say(message: str) -> None:
+        if show_progress:  # long steps before the round bar starts; none in tests
+            print(message, flush=True)
+
+    say(
+        f"teacher: loading {cfg.model.teacher_path}"
+        if cfg.model.teacher_path
+        else f"teacher: training on {len(data.public)} public samples "
+        f"({cfg.model.teacher_epochs} epochs)"
+    )
     teacher = obtain_teacher(cfg, data, teacher_spec)
     teacher_onnx = export_onnx_bytes(teacher, data.input_shape)
     teacher_test = softmax_np(predict_logits(teacher, data.test.x))
@@ -220,7 +229,12 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     init = build_model(student_spec)
     random_init = copy.deepcopy(init)
     warm = copy.deepcopy(init)
+    say(
+        f"teacher: {report_accuracy(teacher_server, data.server_test.y):.4f} on server-domain "
+        f"test, {report_accuracy(teacher_test, data.test.y):.4f} on the devices' test split"
+    )
     if cfg.train.warm_start_epochs > 0:
+        say(f"student: warm start, {cfg.train.warm_start_epochs} epochs of server-side KD")
         distill_on_public(
             warm,
             public_probs,
@@ -266,9 +280,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         },
         "teacher": {
             **summary(teacher),
-            "server_domain_accuracy": float(
-                (teacher_server.argmax(1) == data.server_test.y).mean()
-            ),
+            "server_domain_accuracy": report_accuracy(teacher_server, data.server_test.y),
             "onnx_sha256": sha256_hex(teacher_onnx),
             "onnx_bytes": len(teacher_onnx),
         },
@@ -326,9 +338,14 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         quantize_onnx_int8(student_onnx, data.public.x[: cfg.kd.proxy_size])
     )
     write_json_atomic(out_dir / "report.json", report)
+    say("fidelity reports: FP32 and INT8 ONNX student (edgekd inspect)")
     report["fidelity"] = fidelity_summaries(out_dir, cfg)
     write_json_atomic(out_dir / "report.json", report)
     return out_dir
+
+
+def report_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
 
 
 def fidelity_summaries(out_dir: Path, cfg: EdgeKDConfig) -> dict[str, Any]:
