@@ -1,4 +1,5 @@
-"""Run `edgekd simulate --baseline` (or without, `--no-baseline`) over several seeds and print a markdown table.
+"""Run `edgekd simulate` (with `--baseline` unless `--no-baseline`) over several seeds and
+print a markdown table.
 
     python simulations/compare.py --seeds 0 1 2 -- --partition dirichlet:0.1
 

@@ -151,6 +151,7 @@ def run_federation(
         teacher_record=teacher_record,
         proxy_record=proxy_record,
         post_aggregate=post,
+        node_wait=t.round_timeout,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
         min_train_nodes=t.min_nodes,

@@ -1,10 +1,13 @@
 """The distillation strategy: Flower's FedAvg plus what edgekd changes.
 
-It overrides only two hooks and calls ``super()`` for the rest (FedProx pattern):
+It overrides only the hooks it changes and calls ``super()`` inside them (FedProx
+pattern):
 
 * ``configure_train`` attaches the soft-target source — the ONNX teacher to nodes
   that have not yet confirmed they hold it, or the proxy set — and counts the bytes
   each message carries;
+* both ``configure_*`` hooks wait a bounded time for nodes (Flower's sampler waits
+  forever) and go on with the nodes that came;
 * ``aggregate_train`` rejects replies that fail validation (NaN/Inf, wrong names,
   shapes or dtypes) with a logged reason, lets FedAvg average the rest, applies an
   optional server-side step (FedDF-style distillation), and counts upload bytes.
@@ -13,7 +16,9 @@ It overrides only two hooks and calls ``super()`` for the rest (FedProx pattern)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,9 +56,11 @@ class EdgeKDStrategy(FedAvg):
         teacher_record: ArrayRecord | None = None,
         proxy_record: ArrayRecord | None = None,
         post_aggregate: PostAggregate | None = None,
+        node_wait: float = 600.0,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        self.node_wait = node_wait
         self.reference_state = dict(reference_state)
         self.teacher_record = teacher_record
         self.proxy_record = proxy_record
@@ -61,10 +68,47 @@ class EdgeKDStrategy(FedAvg):
         self.ledger: dict[int, RoundLedger] = {}
         self._nodes_with_teacher: set[int] = set()
 
+    @contextmanager
+    def _available_nodes(self, grid: Grid) -> Iterator[None]:
+        """Wait at most ``node_wait`` seconds for ``min_available_nodes``; then go on
+        with the nodes that are there for this round instead of waiting forever (Flower's
+        sampler has no timeout). No node at all is an error."""
+        deadline = time.monotonic() + self.node_wait
+        while (count := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if count == 0:
+            raise RuntimeError(f"no node connected within {self.node_wait:.0f} s")
+        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        if count < self.min_available_nodes:
+            log.warning(
+                "only %d of %d nodes connected after %.0f s; this round uses them",
+                count,
+                self.min_available_nodes,
+                self.node_wait,
+            )
+            self.min_available_nodes = count
+            self.min_train_nodes = min(self.min_train_nodes, count)
+            self.min_evaluate_nodes = min(self.min_evaluate_nodes, count)
+        try:
+            yield
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        with self._available_nodes(grid):
+            return list(super().configure_evaluate(server_round, arrays, config, grid))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        with self._available_nodes(grid):
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         out = []
         for msg in messages:

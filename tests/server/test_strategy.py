@@ -151,3 +151,31 @@ def test_round_with_only_bad_updates_keeps_the_model() -> None:
     result = strategy.start(grid, state_to_record(start), num_rounds=1, train_config=ConfigRecord())
     assert strategy.ledger[1].rejected == 2
     assert len(result.arrays) == 0  # nothing aggregated: the app keeps the previous model
+
+
+def test_missing_nodes_do_not_block_a_round_forever() -> None:
+    # Prepare: the round asks for 5 nodes, only 2 ever connect.
+    strategy = EdgeKDStrategy(
+        reference_state=REFERENCE,
+        fraction_evaluate=0.0,
+        min_train_nodes=5,
+        min_available_nodes=5,
+        node_wait=0.2,
+    )
+    grid = FakeGrid([1, 2], lambda node, msg: _update(1.0))
+
+    # Execute
+    result = strategy.start(
+        grid, state_to_record(REFERENCE), num_rounds=2, train_config=ConfigRecord()
+    )
+
+    # Assert: both rounds ran with the two nodes, and the minimum is restored after.
+    assert [strategy.ledger[r].replies for r in (1, 2)] == [2, 2]
+    assert strategy.min_available_nodes == 5
+    np.testing.assert_allclose(record_to_state(result.arrays)["w"], 1.0)
+
+
+def test_no_node_at_all_is_an_error() -> None:
+    strategy = EdgeKDStrategy(reference_state=REFERENCE, fraction_evaluate=0.0, node_wait=0.1)
+    with pytest.raises(RuntimeError, match="no node connected"):
+        strategy.start(FakeGrid([], lambda n, m: None), state_to_record(REFERENCE), num_rounds=1)
