@@ -42,15 +42,14 @@ from edgekd.common.fidelity import (
     bootstrap_intervals,
     certified_accuracy_curve,
     certified_radius,
-    dark_knowledge_entropy_np,
     fit_temperature,
-    max_dark_knowledge_entropy_np,
     minority_majority_ece,
     per_class_ece,
     rank_order_fidelity,
     uq_fidelity,
 )
 from edgekd.common.metrics import (
+    HEADLINE_KEYS,
     classification_metrics,
     mean_kl,
     reliability_bins,
@@ -237,20 +236,13 @@ def _scores(
 ) -> dict[str, Any]:
     probs = apply_temperature(logits, 1.0)
     m = classification_metrics(probs, labels, num_classes)
+    from edgekd.report import dark_knowledge
+
     return {
-        "accuracy": m["accuracy"],
-        "ece": m["ece"],
-        "nll": m["nll"],
-        "brier": m["brier"],
-        "macro_recall": m["macro_recall"],
-        "min_class_recall": m["min_class_recall"],
-        "per_class_recall": m["per_class_recall"],
+        **{key: m[key] for key in HEADLINE_KEYS},
         "per_class_ece": per_class_ece(probs, labels, num_classes),
         "minority_majority_ece": minority_majority_ece(probs, labels, class_counts),
-        "dark_knowledge": {
-            "entropy": dark_knowledge_entropy_np(probs, labels),
-            "max": max_dark_knowledge_entropy_np(num_classes),
-        },
+        "dark_knowledge": dark_knowledge(probs, labels, num_classes),
         "bootstrap": bootstrap_intervals(
             probs, labels, n_resamples=bootstrap, seed=seed, level=BOOTSTRAP_LEVEL
         ),

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgekd.common.fidelity import dark_knowledge_entropy_np, max_dark_knowledge_entropy_np
 from edgekd.common.metrics import (
+    HEADLINE_KEYS,
     classification_metrics,
     mean_kl,
     reliability_bins,
@@ -34,17 +35,8 @@ def model_summary(
 ) -> dict[str, Any]:
     """The report's per-model block: accuracy, calibration, recall and teacher fidelity."""
     m = classification_metrics(probs, labels, num_classes)
-    out: dict[str, Any] = {
-        "accuracy": m["accuracy"],
-        "params": params,
-        "bytes": nbytes,
-        "ece": m["ece"],
-        "nll": m["nll"],
-        "brier": m["brier"],
-        "macro_recall": m["macro_recall"],
-        "min_class_recall": m["min_class_recall"],
-        "per_class_recall": m["per_class_recall"],
-    }
+    out: dict[str, Any] = {key: m[key] for key in HEADLINE_KEYS}
+    out.update(params=params, bytes=nbytes)
     if teacher_probs is not None:
         out["agreement"] = teacher_agreement(probs, teacher_probs)
         out["kl_to_teacher"] = mean_kl(teacher_probs, probs)

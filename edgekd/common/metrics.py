@@ -28,6 +28,18 @@ __all__ = [
 _PROB_FLOOR = 1e-12
 
 
+# The per-model numbers every report block carries, in this order.
+HEADLINE_KEYS = (
+    "accuracy",
+    "ece",
+    "nll",
+    "brier",
+    "macro_recall",
+    "min_class_recall",
+    "per_class_recall",
+)
+
+
 def _as_probs(probs: npt.ArrayLike, name: str = "probs") -> npt.NDArray[np.float64]:
     array = np.asarray(probs, dtype=np.float64)
     if array.ndim != 2:

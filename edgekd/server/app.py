@@ -111,11 +111,13 @@ def run_federation(
     mode: str,
     teacher: nn.Module | None,
     teacher_onnx: bytes,
+    public_probs: np.ndarray,
     label: str,
     show_progress: bool,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student and
-    the per-round records. ``mode="ce"`` is plain FedAvg with no teacher."""
+    the per-round records. ``mode="ce"`` is plain FedAvg with no teacher; ``public_probs``
+    are the teacher's soft targets on the public split, for the FedDF-style step."""
     t, k = cfg.train, cfg.kd
     reference = model_state(initial)
     teacher_record = proxy_record = None
@@ -130,7 +132,6 @@ def run_federation(
         proxy_record = state_to_record({R.PROXY_X: px, R.PROXY_PROBS: probs})
     post = None
     if mode == "kd" and teacher is not None and k.server_distill_epochs > 0:
-        public_probs = public_soft_targets(teacher, data, k.temperature)
 
         def post(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
             student = load_state(spec, record_to_state(arrays))
@@ -254,6 +255,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         mode="kd",
         teacher=teacher,
         teacher_onnx=teacher_onnx,
+        public_probs=public_probs,
         label="edgekd",
         show_progress=show_progress,
     )
@@ -315,6 +317,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             mode="ce",
             teacher=None,
             teacher_onnx=teacher_onnx,
+            public_probs=public_probs,
             label="fedavg baseline",
             show_progress=show_progress,
         )
