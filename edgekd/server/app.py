@@ -183,6 +183,7 @@ def run_federation(
                 **tracker.results.get(rnd, {}),
                 "bytes_down": ledger.bytes_down if ledger else 0,
                 "bytes_up": ledger.bytes_up if ledger else 0,
+                "messages": ledger.messages if ledger else 0,
                 "replies": ledger.replies if ledger else 0,
                 "failures": ledger.failures if ledger else 0,
                 "rejected": ledger.rejected if ledger else 0,
@@ -295,10 +296,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             ),
         },
         "rounds": rounds,
-        "communication": {
-            "bytes_down": sum(r["bytes_down"] for r in rounds),
-            "bytes_up": sum(r["bytes_up"] for r in rounds),
-        },
+        "communication": communication(rounds, count_params(student), count_params(teacher)),
     }
     baseline_rounds = None
     if cfg.baseline:
@@ -346,6 +344,21 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     report["fidelity"] = fidelity_summaries(out_dir, cfg)
     write_json_atomic(out_dir / "report.json", report)
     return out_dir
+
+
+def communication(
+    rounds: list[dict[str, Any]], student_params: int, teacher_params: int
+) -> dict[str, int]:
+    """Bytes actually sent, next to what plain FedAvg of the FP32 student (and of the
+    teacher) would have sent to and from the same nodes in the same rounds: 4 bytes a
+    parameter, one model per instruction and one per reply that carried a model."""
+    transfers = sum(r["messages"] + r["replies"] - r["failures"] for r in rounds)
+    return {
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "fp32_fedavg_bytes": 4 * student_params * transfers,
+        "teacher_fedavg_bytes": 4 * teacher_params * transfers,
+    }
 
 
 def report_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

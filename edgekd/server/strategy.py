@@ -40,6 +40,7 @@ class RoundLedger:
 
     bytes_down: int = 0
     bytes_up: int = 0
+    messages: int = 0  # training instructions sent
     replies: int = 0
     failures: int = 0
     rejected: int = 0
@@ -123,6 +124,7 @@ class EdgeKDStrategy(FedAvg):
                 msg = Message(
                     content=content, dst_node_id=node, message_type=msg.metadata.message_type
                 )
+            ledger.messages += 1
             ledger.bytes_down += sum(record_nbytes(r) for r in msg.content.array_records.values())
             out.append(msg)
         return out

@@ -66,7 +66,11 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
     assert report["student"]["accuracy"] > 0.3
     assert sum(r["rejected"] + r["failures"] for r in report["rounds"]) == 0
     assert report["rounds"][1]["bytes_down"] > report["rounds"][2]["bytes_down"]  # teacher once
-    assert report["communication"]["bytes_up"] > 0
+    comm = report["communication"]
+    assert comm["bytes_up"] > 0
+    # 4 clients x 3 rounds, one model each way, 4 bytes a parameter.
+    assert comm["fp32_fedavg_bytes"] == 4 * report["student"]["params"] * 4 * 3 * 2
+    assert comm["teacher_fedavg_bytes"] == 4 * report["teacher"]["params"] * 4 * 3 * 2
     assert report["student"]["params"] * 5 <= report["teacher"]["params"]
     for name in (
         "rounds.jsonl",

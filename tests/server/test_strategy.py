@@ -111,6 +111,7 @@ def test_teacher_is_shipped_once_per_node_and_counted() -> None:
     assert strategy.ledger[1].bytes_down == 2 * (model_bytes + teacher_bytes)
     assert strategy.ledger[2].bytes_down == 2 * model_bytes
     assert strategy.ledger[1].bytes_up == 2 * model_bytes
+    assert (strategy.ledger[1].messages, strategy.ledger[2].messages) == (2, 2)
 
 
 def test_nan_and_misshapen_updates_are_rejected_and_the_rest_averaged() -> None:
@@ -179,3 +180,17 @@ def test_no_node_at_all_is_an_error() -> None:
     strategy = EdgeKDStrategy(reference_state=REFERENCE, fraction_evaluate=0.0, node_wait=0.1)
     with pytest.raises(RuntimeError, match="no node connected"):
         strategy.start(FakeGrid([], lambda n, m: None), state_to_record(REFERENCE), num_rounds=1)
+
+
+def test_fedavg_equivalent_bytes_count_every_transfer() -> None:
+    from edgekd.server.app import communication
+
+    rounds = [
+        {"messages": 0, "replies": 0, "failures": 0, "bytes_down": 0, "bytes_up": 0},
+        {"messages": 3, "replies": 3, "failures": 1, "bytes_down": 30, "bytes_up": 20},
+        {"messages": 3, "replies": 3, "failures": 0, "bytes_down": 30, "bytes_up": 30},
+    ]
+    comm = communication(rounds, student_params=10, teacher_params=100)
+    assert comm["fp32_fedavg_bytes"] == 4 * 10 * (6 + 5)
+    assert comm["teacher_fedavg_bytes"] == 4 * 100 * 11
+    assert (comm["bytes_down"], comm["bytes_up"]) == (60, 50)
