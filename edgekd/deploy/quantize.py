@@ -65,20 +65,19 @@ def quantize_onnx_int8(
 
 def int8_weight_fake_quant(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose conv/linear weights are rounded to symmetric INT8 per
-    output channel (scale = max|w_c| / 127) and stored back as floats.
+    output channel (`edgekd.common.quantization.convert_weights_int8`) and stored back
+    as floats.
 
     The torch twin of the INT8 export: it runs the robustness analyses (attacks,
     certificates, per-layer sensitivity) that need gradients and head features.
     """
     import torch
 
+    from edgekd.common.quantization import convert_weights_int8, dequantize_int8
+
     out = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in out.modules():
-            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
-                w = module.weight
-                flat = w.reshape(w.shape[0], -1)
-                scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-                q = torch.round(flat / scale[:, None]).clamp(-127, 127)
-                w.copy_((q * scale[:, None]).reshape(w.shape))
+    state = out.state_dict()
+    for name, (q, scales) in convert_weights_int8(model).items():
+        state[name] = torch.from_numpy(dequantize_int8(q, scales))
+    out.load_state_dict(state)
     return out

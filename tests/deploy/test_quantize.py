@@ -38,3 +38,20 @@ def test_int8_qdq_model_agrees_with_fp32() -> None:
     assert (z32.argmax(1) == z8.argmax(1)).mean() > 0.85
     assert abs((z32.argmax(1) == y).mean() - (z8.argmax(1) == y).mean()) < 0.03
     assert np.abs(z32 - z8).max() < 0.5 * np.abs(z32).max()
+
+
+def test_int8_weight_twin_rounds_each_channel_to_int8_levels() -> None:
+    from edgekd.deploy.quantize import int8_weight_fake_quant
+
+    torch.manual_seed(1)
+    model = build_model(spec_for((1, 40), 10, 8))
+    twin = int8_weight_fake_quant(model)
+    for (name, w), w8 in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        if not name.endswith("weight"):
+            assert torch.equal(w, w8)  # biases stay float
+            continue
+        flat, flat8 = w.reshape(w.shape[0], -1), w8.reshape(w.shape[0], -1)
+        scale = flat.abs().amax(dim=1, keepdim=True) / 127
+        assert torch.all((flat - flat8).abs() <= scale / 2 + 1e-7)
+        levels = flat8 / scale
+        assert torch.allclose(levels, levels.round(), atol=1e-3)
