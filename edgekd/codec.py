@@ -40,8 +40,11 @@ Inf — raises `edgekd.payload.PayloadError` with one line naming the array.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -133,11 +136,15 @@ def encode_state(
     *,
     masks: Mapping[str, np.ndarray] | None = None,
     int8: bool = False,
+    send_masks: bool = True,
 ) -> ArrayRecord:
     """Encode a model state; see the module docstring for the keys.
 
     ``masks`` (``True`` = kept) may cover any subset of the arrays; entries outside a
     mask are not sent and decode as 0. With ``int8`` every float array is quantized.
+    ``send_masks=False`` leaves the ``::mask`` keys out: for a receiver that already
+    holds the masks (a client replying to the server that made them, or a node that
+    cached them), which then passes them to `decode_state`.
     """
     masks = masks or {}
     unknown = sorted(set(masks) - set(state))
@@ -152,7 +159,8 @@ def encode_state(
             mask = np.asarray(masks[name], dtype=bool)
             if mask.shape != value.shape:
                 raise ValueError(f"mask '{name}' has shape {mask.shape}, array {value.shape}")
-            record[name + MASK_SUFFIX] = _raw(np.packbits(mask.ravel()), _UINT8)
+            if send_masks:
+                record[name + MASK_SUFFIX] = _raw(np.packbits(mask.ravel()), _UINT8)
             index = np.flatnonzero(mask.ravel())
         kept = flat[index]
         if not _is_float(value):
@@ -169,15 +177,20 @@ def encode_state(
 
 
 def decode_state(
-    record: ArrayRecord, reference: Mapping[str, np.ndarray]
+    record: ArrayRecord,
+    reference: Mapping[str, np.ndarray],
+    *,
+    known_masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[OrderedDict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(state, masks)`` from an `encode_state` record, shaped and typed as ``reference``.
 
-    ``masks`` holds a boolean array for each array that was sent with one.
+    ``masks`` holds a boolean array for each array that was sent with one, or that
+    ``known_masks`` covers when the record carries no mask for it (``send_masks=False``).
     """
     expected: set[str] = set()
     state: OrderedDict[str, np.ndarray] = OrderedDict()
     masks: dict[str, np.ndarray] = {}
+    known = known_masks or {}
     for name, raw_ref in reference.items():
         ref = np.asarray(raw_ref)
         expected.add(name + VALUES_SUFFIX)
@@ -187,6 +200,12 @@ def decode_state(
             mask = _unpack_mask(record, name + MASK_SUFFIX, ref.size)
             masks[name] = mask.reshape(ref.shape)
             index = np.flatnonzero(mask)
+        elif name in known:
+            mask = np.asarray(known[name], dtype=bool)
+            if mask.shape != ref.shape:
+                raise PayloadError(f"known mask '{name}' has shape {mask.shape}, not {ref.shape}")
+            masks[name] = mask
+            index = np.flatnonzero(mask.ravel())
         if _is_quantized(record, name):
             expected.add(name + SCALE_SUFFIX)
         out = np.zeros(ref.size, dtype=ref.dtype)
@@ -243,15 +262,19 @@ def encode_delta(
     old: Mapping[str, np.ndarray],
     *,
     error_feedback: Mapping[str, np.ndarray] | None = None,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
     """INT8 update ``new − old`` (+ the residual ``error_feedback``), and the new residual.
 
-    Keys ``{name}::values`` (int8, every entry) and ``{name}::scale``. The residual is
-    returned even without ``error_feedback``, so a client can start feeding it back;
-    entries absent from ``error_feedback`` count as zero. Float arrays only.
+    Keys ``{name}::values`` (int8) and ``{name}::scale``. With ``masks`` (held by both
+    sides: the server made them) only the kept entries travel, and the pruned ones
+    decode to an exact 0 change. The residual is returned even without
+    ``error_feedback``, so a client can start feeding it back; entries absent from
+    ``error_feedback`` count as zero. Float arrays only.
     """
     if list(new) != list(old):
         raise ValueError("new and old states name different arrays")
+    masks = masks or {}
     record = ArrayRecord()
     residual: dict[str, np.ndarray] = {}
     for name, new_value in new.items():
@@ -263,20 +286,32 @@ def encode_delta(
         corrected = new_arr.astype(np.float32) - old_arr.astype(np.float32)
         if error_feedback is not None and name in error_feedback:
             corrected = corrected + np.asarray(error_feedback[name], dtype=np.float32)
+        index = _kept_index(masks.get(name), corrected.shape, name)
+        if index is not None:
+            kept = np.zeros(corrected.size, dtype=bool)
+            kept[index] = True
+            corrected = np.where(kept.reshape(corrected.shape), corrected, np.float32(0))
         scales = channel_scales(corrected)
-        channel = _channel_of(np.arange(corrected.size), corrected.shape)
-        q = _quantize(corrected.ravel(), scales, channel)
+        flat_index = np.arange(corrected.size) if index is None else index
+        channel = _channel_of(flat_index, corrected.shape)
+        q = _quantize(corrected.ravel()[flat_index], scales, channel)
         record[name + VALUES_SUFFIX] = _raw(q, _INT8)
         record[name + SCALE_SUFFIX] = _raw(scales, _FLOAT32)
-        dequantized = _dequantize(q, scales, channel).reshape(corrected.shape)
-        residual[name] = (corrected - dequantized).astype(np.float32)
+        dequantized = np.zeros(corrected.size, dtype=np.float32)
+        dequantized[flat_index] = _dequantize(q, scales, channel)
+        residual[name] = (corrected - dequantized.reshape(corrected.shape)).astype(np.float32)
     return record, residual
 
 
 def decode_delta(
-    record: ArrayRecord, old: Mapping[str, np.ndarray]
+    record: ArrayRecord,
+    old: Mapping[str, np.ndarray],
+    *,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> OrderedDict[str, np.ndarray]:
-    """``old + Q(Δ)``: the client's new state, in ``old``'s shapes and dtypes."""
+    """``old + Q(Δ)``: the client's new state, in ``old``'s shapes and dtypes; with
+    ``masks`` (the ones `encode_delta` was given) only kept entries change."""
+    masks = masks or {}
     expected: set[str] = set()
     state: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, old_value in old.items():
@@ -284,15 +319,108 @@ def decode_delta(
         if not _is_float(ref):
             raise PayloadError(f"array '{name}' is {ref.dtype}; deltas are float only")
         expected.update((name + VALUES_SUFFIX, name + SCALE_SUFFIX))
+        index = _kept_index(masks.get(name), ref.shape, name)
+        flat_index = np.arange(ref.size) if index is None else index
         scales = _read_scales(record, name + SCALE_SUFFIX, ref.shape)
-        q = _read(record, name + VALUES_SUFFIX, _INT8, ref.size)
-        delta = _dequantize(q, scales, _channel_of(np.arange(ref.size), ref.shape))
+        q = _read(record, name + VALUES_SUFFIX, _INT8, flat_index.size)
+        delta = np.zeros(ref.size, dtype=np.float32)
+        delta[flat_index] = _dequantize(q, scales, _channel_of(flat_index, ref.shape))
         new_value = (ref.astype(np.float32) + delta.reshape(ref.shape)).astype(ref.dtype)
         if not np.all(np.isfinite(new_value)):
             raise PayloadError(f"array '{name}' is NaN or Inf after adding the delta")
         state[name] = new_value
     _check_names(record, expected)
     return state
+
+
+def _kept_index(mask: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != shape:
+        raise ValueError(f"mask '{name}' has shape {mask.shape}, array {shape}")
+    return np.flatnonzero(mask.ravel())
+
+
+# ------------------------------------------------------------------- manifest
+def shapes_manifest(state: Mapping[str, np.ndarray]) -> str:
+    """``{name: [dtype, shape]}`` as compact JSON, for the round's ConfigRecord: a raw
+    record carries 1-D buffers, so a node that has never seen this architecture (a
+    filter-pruned or factorized student) learns the shapes from here."""
+    return json.dumps(
+        {name: [np.asarray(v).dtype.str, list(np.shape(v))] for name, v in state.items()},
+        separators=(",", ":"),
+    )
+
+
+def reference_from_manifest(manifest: str) -> OrderedDict[str, np.ndarray]:
+    """Zero arrays with the manifest's names, dtypes and shapes (for `decode_state`)."""
+    try:
+        entries = json.loads(manifest)
+        return OrderedDict(
+            (str(name), np.zeros([int(d) for d in shape], dtype=np.dtype(dtype)))
+            for name, (dtype, shape) in entries.items()
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise PayloadError(f"shape manifest does not parse: {exc}") from None
+
+
+def is_encoded(record: ArrayRecord) -> bool:
+    """Whether ``record`` was written by this codec (rather than plain Arrays)."""
+    return any(arr.stype == RAW_STYPE for arr in record.values())
+
+
+# ------------------------------------------------------------------- artifact
+ARTIFACT_MAGIC = b"EKD1"
+
+
+def write_artifact(path: Path, record: ArrayRecord, state: Mapping[str, np.ndarray]) -> int:
+    """Save an encoded student as one file and return its size in bytes.
+
+    Layout: ``EKD1``, a little-endian uint32 header length, a JSON header (the shape
+    manifest and, per array, key, dtype and byte count), then the raw buffers in
+    order. Written to a temporary file and renamed, so a crash leaves no half file.
+    """
+    header = json.dumps(
+        {
+            "shapes": json.loads(shapes_manifest(state)),
+            "arrays": [[key, arr.dtype, len(arr.data)] for key, arr in record.items()],
+        },
+        separators=(",", ":"),
+    ).encode()
+    blob = b"".join(
+        [ARTIFACT_MAGIC, len(header).to_bytes(4, "little"), header]
+        + [bytes(arr.data) for arr in record.values()]
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return len(blob)
+
+
+def read_artifact(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(state, masks)`` from a `write_artifact` file; `PayloadError` names what is wrong."""
+    blob = path.read_bytes()
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 8:
+        raise PayloadError(f"{path} is not an edgekd student artifact (bad magic)")
+    size = int.from_bytes(blob[4:8], "little")
+    try:
+        header = json.loads(blob[8 : 8 + size])
+        reference = reference_from_manifest(json.dumps(header["shapes"]))
+        entries = [(str(k), str(d), int(n)) for k, d, n in header["arrays"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PayloadError(f"{path}: header does not parse: {exc}") from None
+    record, offset = ArrayRecord(), 8 + size
+    for key, dtype, nbytes in entries:
+        data = blob[offset : offset + nbytes]
+        if len(data) != nbytes:
+            raise PayloadError(f"{path}: array '{key}' is truncated")
+        count = nbytes // max(np.dtype(dtype).itemsize, 1)
+        record[key] = Array(dtype=dtype, shape=(count,), stype=RAW_STYPE, data=data)
+        offset += nbytes
+    if offset != len(blob):
+        raise PayloadError(f"{path}: {len(blob) - offset} trailing bytes")
+    return decode_state(record, reference)
 
 
 def encoded_nbytes(record: ArrayRecord) -> int:

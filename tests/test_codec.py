@@ -234,3 +234,27 @@ def test_error_feedback_carries_the_quantization_error_to_the_next_round() -> No
     assert residual is not None
     np.testing.assert_allclose(sent_ef, true - residual["w"], atol=1e-5)
     assert np.abs(sent_ef - true).max() < np.abs(sent_plain - true).max()
+
+
+def test_artifact_round_trips_and_a_truncated_file_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    from edgekd.codec import read_artifact, write_artifact
+
+    state = _state()
+    masks = _magnitude_masks(state, 0.8)
+    record = encode_state(state, masks=masks, int8=True)
+    path = tmp_path / "student.ekd"
+
+    # Execute
+    size = write_artifact(path, record, state)
+    decoded, decoded_masks = read_artifact(path)
+
+    # Assert
+    assert size == path.stat().st_size < sum(v.nbytes for v in state.values()) / 2
+    reference, _ = decode_state(record, state)
+    for name in state:
+        np.testing.assert_array_equal(decoded[name], reference[name])
+    assert all(np.array_equal(decoded_masks[k], np.asarray(masks[k])) for k in masks)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(PayloadError, match="truncated|trailing"):
+        read_artifact(path)

@@ -3,17 +3,21 @@
 A node finds its data from ``node_config`` (``partition-id``, ``num-partitions``,
 set by the simulation engine or ``flower-supernode --node-config``) and the run's
 `EdgeKDConfig`, so the data never leaves it. Soft targets come from the cached
-ONNX teacher (``on-device``) or from the message (``proxy``).
+ONNX teacher (``on-device``; it travels xz-compressed) or from the message (``proxy``).
+The payload codec runs as a mod (`edgekd.client.codec_mod`), so the handlers see
+plain arrays and the round's pruning masks.
 """
 
 from __future__ import annotations
 
+import lzma
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
@@ -74,7 +78,11 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
     proxy = None
     if settings.mode == "kd" and str(config[R.SOFT_TARGETS]) == "on-device":
         attached = msg.content.array_records.get(R.TEACHER)
-        blob = attached[R.TEACHER_ONNX].numpy().tobytes() if attached is not None else None
+        blob = (
+            lzma.decompress(attached[R.TEACHER_ONNX].numpy().tobytes())
+            if attached is not None
+            else None
+        )
         session = teacher_session(str(config[R.TEACHER_HASH]), blob)
         logits = teacher_logits(session, train.x)
     elif settings.mode == "kd":
@@ -82,7 +90,14 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
         proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_PROBS].numpy())
     state = record_to_state(msg.content.array_records[R.ARRAYS])
     new_state, metrics = local_kd_update(
-        spec, state, train, settings, teacher_logits=logits, proxy=proxy
+        spec,
+        state,
+        train,
+        settings,
+        teacher_logits=logits,
+        proxy=proxy,
+        masks=masks_from_message(msg.content),
+        quantizer=str(config.get(R.QAT, "")),
     )
     reply = RecordDict(
         {
@@ -117,14 +132,25 @@ def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Messag
 
 def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[payload_codec_mod])
 
     def config_of(context: Context) -> EdgeKDConfig:
         return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(config_of(context), msg, context)
+        run_cfg = config_of(context)
+        if run_cfg.continual.scenario:  # the same app serves continual runs (`flwr run .`)
+            from edgekd.client.continual_client import handle_continual_train
+
+            return handle_continual_train(run_cfg, msg, context)
+        return handle_train(run_cfg, msg, context)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from edgekd.client.continual_client import handle_warm_up
+
+        return handle_warm_up(config_of(context), msg, context)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from edgekd.common.compression import keep_pruned_at_zero, load_for_state, plain_state
+from edgekd.common.compression import training_view as make_training_view
 from edgekd.common.data import ArrayDataset
 from edgekd.common.kd import temperature_for_batch
 from edgekd.common.metrics import classification_metrics
-from edgekd.common.models import ModelSpec, build_model
+from edgekd.common.models import ModelSpec
 from edgekd.common.training import KDSettings, kd_train, predict_logits, softmax_np
 
 
@@ -44,9 +46,8 @@ class RoundSettings:
 
 
 def load_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
-    model = build_model(spec)
-    model.load_state_dict(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items()))
-    return model
+    """The student for ``state`` (filter-pruned or factorized shapes included)."""
+    return load_for_state(spec, state)
 
 
 def model_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -61,6 +62,8 @@ def local_kd_update(
     *,
     teacher_logits: np.ndarray | None,
     proxy: tuple[np.ndarray, np.ndarray] | None = None,
+    masks: Mapping[str, np.ndarray] | None = None,
+    quantizer: str = "",
 ) -> tuple[OrderedDict[str, np.ndarray], dict[str, float]]:
     """Run the round's local epochs and return the new state and training metrics.
 
@@ -69,9 +72,34 @@ def local_kd_update(
       at the batch-coupled temperature.
     * ``proxy`` given (x, teacher probabilities): CE on local data, then KD on the
       public proxy set, every epoch.
+
+    ``masks`` (``True`` = kept) hold pruned weights at exactly zero; ``quantizer``
+    ("int8" or "ternary") trains through fake-quantized weights (QAT rounds). The
+    returned state holds the latent float weights under the original names.
     """
     torch.set_num_threads(1)  # one simulated client per core
-    model = load_state(spec, state)
+    base = load_state(spec, state)
+    names = list(base.state_dict())  # before a ternary view renames the weights
+    model = make_training_view(base, quantizer)
+    hooks = keep_pruned_at_zero(model, masks or {})
+    try:
+        metrics = _train(model, spec, train, settings, teacher_logits, proxy)
+    finally:
+        hooks.remove()
+    new_state = plain_state(model, names)
+    for name, mask in (masks or {}).items():
+        new_state[name][~np.asarray(mask, dtype=bool)] = 0.0
+    return new_state, metrics
+
+
+def _train(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: ArrayDataset,
+    settings: RoundSettings,
+    teacher_logits: np.ndarray | None,
+    proxy: tuple[np.ndarray, np.ndarray] | None,
+) -> dict[str, float]:
     tau = settings.effective_temperature()
     kd = KDSettings(
         epochs=settings.local_epochs,
@@ -90,7 +118,7 @@ def local_kd_update(
     n = spec.num_classes
     if settings.mode != "kd" or proxy is None:
         out = kd_train(model, train.x, train.y, probs, kd, num_classes=n, seed=settings.seed)
-        return model_state(model), {"train-loss": out["loss"], "temperature": float(tau)}
+        return {"train-loss": out["loss"], "temperature": float(tau)}
     # Proxy mode: alternate a local CE epoch with a KD epoch on the public proxy set.
     px, pprobs = proxy
     pseudo = pprobs.argmax(axis=1).astype(np.int64)
@@ -101,7 +129,7 @@ def local_kd_update(
         seed = settings.seed * 1000 + epoch
         loss = kd_train(model, train.x, train.y, None, one_epoch, num_classes=n, seed=seed)["loss"]
         kd_train(model, px, pseudo, pprobs, proxy_kd, num_classes=n, seed=seed)
-    return model_state(model), {"train-loss": float(loss), "temperature": float(tau)}
+    return {"train-loss": float(loss), "temperature": float(tau)}
 
 
 def evaluate_state(

@@ -17,6 +17,13 @@ from typing import Any
 KNOWN_DATASETS = ("mnist1d", "digits", "mnist", "fashion-mnist", "cifar10")
 SOFT_TARGET_MODES = ("on-device", "proxy")
 OPTIMIZERS = ("adam", "sgd")
+PRUNE_METHODS = ("magnitude", "movement", "filter")
+QUANTIZE_MODES = ("", "int8", "ternary")
+UPLOAD_MODES = ("fp32", "int8-delta", "int8-delta-ef")
+TEACHER_FORMATS = ("fp32", "int8")
+# Mirrors edgekd.continual (SCENARIOS, REGULARIZERS), which this module must not import.
+CONTINUAL_SCENARIOS = ("class-incremental", "domain-incremental")
+CONTINUAL_METHODS = ("teacher-kd", "lwf", "ewc", "replay", "naive")
 
 
 class ConfigError(ValueError):
@@ -74,11 +81,42 @@ class KDConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """What the server does to the student, and when (see `edgekd.common.compression`)."""
+
+    prune: str = ""  # "" | magnitude:<sparsity> | movement:<sparsity> | filter:<ratio>
+    quantize: str = ""  # "" | int8 | ternary: QAT from end-round on; both send INT8 values
+    lowrank: str = ""  # "" | energy:<0..1> | rank:<r>: SVD-factorize before round 1
+    start_round: int = 1  # first round whose training sees pruned weights
+    end_round: int = 5  # the cubic schedule reaches the final sparsity here; QAT from here
+    upload: str = "fp32"  # fp32 | int8-delta | int8-delta-ef (with error feedback)
+    teacher: str = "fp32"  # fp32 | int8: the ONNX teacher shipped to on-device nodes
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """A continual run (`edgekd.server.continual`): tasks arrive one after another."""
+
+    scenario: str = ""  # "" (off) | class-incremental | domain-incremental (mnist1d streams)
+    tasks: int = 5  # class-incremental: 10 classes in 5 tasks of 2, split-MNIST style
+    rounds_per_task: int = 3  # the strategy moves to the next task after this many rounds
+    method: str = "teacher-kd"  # teacher-kd | lwf | ewc | replay | naive | all (compare)
+    samples_per_task: int = 2000  # generated per task for the clients, as many for the server
+    weight: float = 2.0  # KD-term weight of teacher-kd and lwf (0 = naive); best of 1-4 tried
+    temperature: float = 2.0  # tau of the teacher-kd and lwf soft targets
+    ewc_weight: float = 100.0  # EWC's lambda: its penalty lives on another scale than KD's
+    proxy_size: int = 1000  # public samples shipped once per node with teacher probabilities
+    buffer_size: int = 200  # replay: reservoir samples each node keeps on its own disk
+
+
+@dataclass(frozen=True)
 class EdgeKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     seed: int = 42
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
@@ -151,6 +189,52 @@ class EdgeKDConfig:
         _check(k.hint_weight >= 0, "kd.hint-weight must be >= 0")
         _check(k.server_distill_epochs >= 0, "kd.server-distill-epochs must be >= 0")
         _check(k.server_distill_lr > 0, "kd.server-distill-lr must be > 0")
+        c = self.compression
+        parse_prune(c.prune)
+        parse_lowrank(c.lowrank)
+        _check(
+            c.quantize in QUANTIZE_MODES,
+            f"compression.quantize must be one of {QUANTIZE_MODES}, got '{c.quantize}'",
+        )
+        _check(
+            c.upload in UPLOAD_MODES,
+            f"compression.upload must be one of {UPLOAD_MODES}, got '{c.upload}'",
+        )
+        _check(
+            c.teacher in TEACHER_FORMATS,
+            f"compression.teacher must be one of {TEACHER_FORMATS}, got '{c.teacher}'",
+        )
+        _check(c.start_round >= 1, "compression.start-round must be >= 1")
+        _check(c.end_round >= c.start_round, "compression.end-round must be >= start-round")
+        self._validate_continual()
+
+    def _validate_continual(self) -> None:
+        cl = self.continual
+        _check(
+            cl.scenario in ("", *CONTINUAL_SCENARIOS),
+            f"continual.scenario must be '' (off) or one of {CONTINUAL_SCENARIOS}, "
+            f"got '{cl.scenario}'",
+        )
+        _check(
+            not cl.scenario or self.data.dataset == "mnist1d",
+            f"continual.scenario: the task streams are mnist1d only, not '{self.data.dataset}'",
+        )
+        _check(cl.tasks >= 1, "continual.tasks must be >= 1")
+        _check(
+            cl.scenario != "class-incremental" or cl.tasks <= 10,
+            "continual.tasks must be <= 10 for class-incremental (mnist1d has 10 classes)",
+        )
+        _check(cl.rounds_per_task >= 1, "continual.rounds-per-task must be >= 1")
+        _check(
+            cl.method in (*CONTINUAL_METHODS, "all"),
+            f"continual.method must be one of {(*CONTINUAL_METHODS, 'all')}, got '{cl.method}'",
+        )
+        _check(cl.samples_per_task >= 50, "continual.samples-per-task must be >= 50")
+        _check(cl.weight >= 0, "continual.weight must be >= 0")
+        _check(cl.temperature > 0, "continual.temperature must be > 0")
+        _check(cl.ewc_weight >= 0, "continual.ewc-weight must be >= 0")
+        _check(cl.proxy_size >= 1, "continual.proxy-size must be >= 1")
+        _check(cl.buffer_size >= 1, "continual.buffer-size must be >= 1")
 
     def to_flat(self) -> dict[str, Any]:
         """The config as flat dotted keys, the form Flower's run_config uses."""
@@ -191,6 +275,43 @@ def parse_partition(spec: str) -> tuple[str, float]:
         f"data.partition: unknown partition '{spec}' "
         "(use iid, dirichlet:<alpha> or pathological:<classes-per-client>)"
     )
+
+
+def parse_prune(spec: str) -> tuple[str, float]:
+    """``""`` (off), ``magnitude:<s>``/``movement:<s>`` (final sparsity s in (0, 1)) or
+    ``filter:<r>`` (fraction r in (0, 1) of every conv's filters removed)."""
+    if not spec:
+        return "", 0.0
+    kind, _, arg = spec.partition(":")
+    value = _number(arg)
+    if kind in PRUNE_METHODS and 0.0 < value < 1.0:
+        return kind, value
+    raise ConfigError(
+        f"compression.prune: cannot read '{spec}' "
+        f"(use magnitude:<s>, movement:<s> or filter:<r> with a number in (0, 1))"
+    )
+
+
+def parse_lowrank(spec: str) -> tuple[str, float]:
+    """``""`` (off), ``energy:<e>`` (retained spectral energy in (0, 1]) or ``rank:<r>``."""
+    if not spec:
+        return "", 0.0
+    kind, _, arg = spec.partition(":")
+    value = _number(arg)
+    if kind == "energy" and 0.0 < value <= 1.0:
+        return kind, value
+    if kind == "rank" and value >= 1 and value == int(value):
+        return kind, value
+    raise ConfigError(
+        f"compression.lowrank: cannot read '{spec}' (use energy:<0..1> or rank:<integer>)"
+    )
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -126,10 +126,13 @@ def load_checkpoint(path: str, expected: ModelSpec | None = None) -> tuple[nn.Mo
         ]
         if diffs:
             raise CheckpointError(f"checkpoint {path} has another architecture: {', '.join(diffs)}")
-    model = build_model(spec)
+    from edgekd.common.compression import model_for_state  # compression imports models
+
     try:
+        # Filter-pruned and factorized students: the shapes in the state say how.
+        model = model_for_state(spec, state)
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError, IndexError) as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise CheckpointError(f"checkpoint {path} does not fit {spec.family}: {first}") from None
     return model, spec

@@ -12,6 +12,7 @@ CONFIG = "config"
 METRICS = "metrics"
 TEACHER = "teacher"
 PROXY = "proxy"
+MASKS = "masks"  # client-internal: the codec mod hands the decoded masks to the handler
 
 # ArrayRecord entries
 TEACHER_ONNX = "onnx"  # uint8 bytes of the teacher's ONNX model
@@ -33,13 +34,27 @@ CLASS_WEIGHTING = "kd.class-weighting"
 MAX_CLASS_WEIGHT = "kd.max-class-weight"
 REFERENCE_BATCH = "kd.reference-batch"
 SOFT_TARGETS = "kd.soft-targets"
-TEACHER_HASH = "kd.teacher-hash"
+TEACHER_HASH = "kd.teacher-hash"  # sha256 of the ONNX; it travels xz-compressed
+SHAPES = "compression.shapes"  # codec shape manifest (JSON): name -> [dtype, shape]
+UPLOAD = "compression.upload"  # fp32 | int8-delta | int8-delta-ef
+QAT = "compression.qat"  # "" | int8 | ternary: the quantizer to train with this round
+MASK_VERSION = "compression.mask-version"  # "" or the masks' hash; cached per node
+# Continual runs (edgekd.server.continual -> edgekd.client.continual_client)
+CL_RUN = "continual.run"  # tag of one method's run; a node resets its continual state on a new tag
+CL_METHOD = "continual.method"  # teacher-kd | lwf | ewc | replay | naive
+CL_TASK = "continual.task"  # index of the task this round trains on, 0-based
+CL_WEIGHT = "continual.weight"
+CL_TEMPERATURE = "continual.temperature"
+CL_EWC_WEIGHT = "continual.ewc-weight"
+CL_BUFFER_SIZE = "continual.buffer-size"
+CL_PROXY_HASH = "continual.proxy-hash"  # sha256 of the proxy record, cached per node
 
 # MetricRecord entries (client → server)
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 TRAIN_LOSS = "train-loss"
 ACCURACY = "accuracy"
 LOSS = "loss"
+PENALTY = "penalty"  # continual: the anti-forgetting term of the last local epoch
 
 # Node config (per SuperNode; set by the simulation engine or `--node-config`)
 PARTITION_ID = "partition-id"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import lzma
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,10 +23,19 @@ from torch import nn
 
 from edgekd import __version__
 from edgekd.client.trainer import load_state, model_state
+from edgekd.codec import decode_state, encode_state, write_artifact
 from edgekd.common import records as R
+from edgekd.common.compression import (
+    CompressionSchedule,
+    Pruner,
+    finalize,
+    keep_pruned_at_zero,
+    structural_compress,
+)
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import FederatedData, load_federated_data
 from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
+from edgekd.common.pruning import sparsity_of
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
 from edgekd.deploy.quantize import int8_weight_fake_quant, quantize_onnx_int8
@@ -37,10 +47,11 @@ from edgekd.report import (
     write_plots,
     write_rounds,
 )
-from edgekd.server.strategy import EdgeKDStrategy
+from edgekd.server.strategy import EdgeKDStrategy, Masks, WireFormat
 from edgekd.server.teacher import distill_on_public, obtain_teacher, public_soft_targets
 
 log = logging.getLogger("edgekd")
+STRUCTURAL_FINETUNE_EPOCHS = 10  # server-side KD after filter pruning / factorization
 
 
 class RoundTracker:
@@ -114,15 +125,20 @@ def run_federation(
     public_probs: np.ndarray,
     label: str,
     show_progress: bool,
-) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student and
-    the per-round records. ``mode="ce"`` is plain FedAvg with no teacher; ``public_probs``
-    are the teacher's soft targets on the public split, for the FedDF-style step."""
+    schedule: CompressionSchedule | None = None,
+) -> tuple[nn.Module, list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student,
+    the per-round records and the final pruning masks. ``mode="ce"`` is plain FedAvg
+    with no teacher; ``public_probs`` are the teacher's soft targets on the public
+    split, for the FedDF-style step; ``schedule`` the compression recipe (None: off).
+    ``teacher_onnx`` is the teacher as shipped to on-device nodes (xz-compressed)."""
     t, k = cfg.train, cfg.kd
     reference = model_state(initial)
+    schedule = schedule or CompressionSchedule()
+    pruner = Pruner(schedule)
     teacher_record = proxy_record = None
     if mode == "kd" and k.soft_targets == "on-device":
-        blob = np.frombuffer(teacher_onnx, dtype=np.uint8)
+        blob = np.frombuffer(lzma.compress(teacher_onnx, preset=9), dtype=np.uint8)
         teacher_record = ArrayRecord({R.TEACHER_ONNX: Array(blob)})
     elif mode == "kd" and teacher is not None:
         rng = np.random.default_rng([cfg.seed, 5])
@@ -133,25 +149,41 @@ def run_federation(
     post = None
     if mode == "kd" and teacher is not None and k.server_distill_epochs > 0:
 
-        def post(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        def post(server_round: int, arrays: ArrayRecord, masks: Masks) -> ArrayRecord:
             student = load_state(spec, record_to_state(arrays))
-            distill_on_public(
-                student,
-                public_probs,
-                data,
-                cfg,
-                epochs=k.server_distill_epochs,
-                seed=cfg.seed + server_round,
-                lr=k.server_distill_lr,
-                teacher=teacher,
-            )
+            with keep_pruned_at_zero(student, masks):
+                distill_on_public(
+                    student,
+                    public_probs,
+                    data,
+                    cfg,
+                    epochs=k.server_distill_epochs,
+                    seed=cfg.seed + server_round,
+                    lr=k.server_distill_lr,
+                    teacher=teacher,
+                )
             return state_to_record(model_state(student))
+
+    def prepare_round(
+        server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+        if not schedule.unstructured:
+            return arrays, {}
+        student = load_state(spec, record_to_state(arrays))
+        masks = pruner.step(server_round, student)
+        return state_to_record(model_state(student)), masks
 
     strategy = EdgeKDStrategy(
         reference_state=reference,
         teacher_record=teacher_record,
         proxy_record=proxy_record,
         post_aggregate=post,
+        prepare_round=prepare_round,
+        wire=WireFormat(
+            int8=schedule.int8_wire,
+            upload=cfg.compression.upload if mode == "kd" else "fp32",
+            quantizer_for=schedule.qat_for,
+        ),
         node_wait=t.round_timeout,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
@@ -184,6 +216,8 @@ def run_federation(
                 "bytes_down": ledger.bytes_down if ledger else 0,
                 "bytes_up": ledger.bytes_up if ledger else 0,
                 "messages": ledger.messages if ledger else 0,
+                "eval_messages": ledger.eval_messages if ledger else 0,
+                "sparsity": _round_sparsity(strategy, rnd),
                 "replies": ledger.replies if ledger else 0,
                 "failures": ledger.failures if ledger else 0,
                 "rejected": ledger.rejected if ledger else 0,
@@ -192,7 +226,11 @@ def run_federation(
             }
         )
     final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
-    return final, rounds
+    return final, rounds, pruner.numpy_masks()
+
+
+def _round_sparsity(strategy: EdgeKDStrategy, server_round: int) -> float:
+    return sparsity_of(strategy.masks_for_round(server_round))
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | None:
@@ -224,6 +262,9 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     )
     teacher = obtain_teacher(cfg, data, teacher_spec)
     teacher_onnx = export_onnx_bytes(teacher, data.input_shape)
+    if cfg.compression.teacher == "int8":  # what on-device nodes get; the server keeps FP32
+        teacher_onnx = quantize_onnx_int8(teacher_onnx, data.public.x[: cfg.kd.proxy_size])
+    schedule = CompressionSchedule.from_config(cfg.compression)
     teacher_test = softmax_np(predict_logits(teacher, data.test.x))
     teacher_server = softmax_np(predict_logits(teacher, data.server_test.x))
     public_probs = public_soft_targets(teacher, data, cfg.kd.temperature)
@@ -247,7 +288,14 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             seed=cfg.seed,
             teacher=teacher,
         )
-    student, rounds = run_federation(
+    structure: dict[str, Any] = {}
+    if schedule.prune_method == "filter" or schedule.lowrank_kind:
+        warm, structure = structural_compress(warm, schedule)
+        say(f"student: structural compression ({count_params(warm)} params), fine-tuning")
+        distill_on_public(
+            warm, public_probs, data, cfg, epochs=STRUCTURAL_FINETUNE_EPOCHS, seed=cfg.seed
+        )
+    student, rounds, masks = run_federation(
         grid,
         cfg,
         data,
@@ -259,7 +307,14 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         public_probs=public_probs,
         label="edgekd",
         show_progress=show_progress,
+        schedule=schedule,
     )
+    finalize(student, schedule, masks)
+    # What ships: the student after the codec's INT8 rounding, scored as such.
+    student_record = encode_state(model_state(student), masks=masks, int8=schedule.int8_wire)
+    shipped, _ = decode_state(student_record, model_state(student))
+    student = load_state(student_spec, shipped)
+    artifact_bytes = write_artifact(out_dir / "student.ekd", student_record, model_state(student))
 
     def summary(model: nn.Module) -> dict[str, Any]:
         probs = softmax_np(predict_logits(model, data.test.x))
@@ -290,6 +345,11 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         },
         "student": {
             **summary(student),
+            "sparsity": sparsity_of(masks),
+            "bits": schedule.bits,
+            "bytes": artifact_bytes,
+            "nonzero_params": int(sum(np.count_nonzero(v) for v in shipped.values())),
+            "structure": structure,
             "warm_start_accuracy": rounds[0].get("accuracy"),
             "dark_knowledge": dark_knowledge(
                 softmax_np(predict_logits(student, data.test.x)), data.test.y, data.num_classes
@@ -306,7 +366,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             server_only, public_probs, data, cfg, epochs=budget, seed=cfg.seed, teacher=teacher
         )
         report["server_only"] = {**summary(server_only), "epochs": budget}
-        baseline, baseline_rounds = run_federation(
+        baseline, baseline_rounds, _ = run_federation(
             grid,
             cfg,
             data,
@@ -351,8 +411,11 @@ def communication(
 ) -> dict[str, int]:
     """Bytes actually sent, next to what plain FedAvg of the FP32 student (and of the
     teacher) would have sent to and from the same nodes in the same rounds: 4 bytes a
-    parameter, one model per instruction and one per reply that carried a model."""
-    transfers = sum(r["messages"] + r["replies"] - r["failures"] for r in rounds)
+    parameter, one model per training or evaluation instruction and one per reply that
+    carried a model."""
+    transfers = sum(
+        r["messages"] + r.get("eval_messages", 0) + r["replies"] - r["failures"] for r in rounds
+    )
     return {
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
@@ -396,7 +459,12 @@ def make_server_app(cfg: EdgeKDConfig | None = None, show_progress: bool = True)
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
-        out = run_edgekd(grid, run_cfg, show_progress=show_progress)
+        if run_cfg.continual.scenario:  # `flwr run .` with continual.scenario set
+            from edgekd.server.continual import run_continual
+
+            out = run_continual(grid, run_cfg, show_progress=show_progress)
+        else:
+            out = run_edgekd(grid, run_cfg, show_progress=show_progress)
         log.info("edgekd: report written to %s", out / "report.json")
 
     return server_app

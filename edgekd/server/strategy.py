@@ -15,6 +15,7 @@ pattern):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,12 +27,48 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from edgekd.codec import (
+    decode_delta,
+    decode_state,
+    encode_state,
+    is_encoded,
+    shapes_manifest,
+)
 from edgekd.common import records as R
-from edgekd.payload import PayloadError, check_update, record_nbytes
+from edgekd.payload import (
+    PayloadError,
+    check_update,
+    record_nbytes,
+    record_to_state,
+    state_to_record,
+)
 
 log = logging.getLogger("edgekd")
 
-PostAggregate = Callable[[int, ArrayRecord], ArrayRecord]
+Masks = Mapping[str, np.ndarray]
+# (round, global arrays) -> (arrays to train from, pruning masks): the compression step
+PrepareRound = Callable[[int, ArrayRecord], tuple[ArrayRecord, dict[str, np.ndarray]]]
+# (round, aggregated arrays, the round's masks) -> arrays: e.g. FedDF distillation
+PostAggregate = Callable[[int, ArrayRecord, Masks], ArrayRecord]
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """How the student travels: INT8 values (per-channel scales) or FP32 both ways
+    down, and ``upload`` (fp32 | int8-delta | int8-delta-ef) up; ``quantizer_for``
+    names the QAT quantizer clients train with in a round ("" for none)."""
+
+    int8: bool = False
+    upload: str = "fp32"
+    quantizer_for: Callable[[int], str] = field(default=lambda _round: "")
+
+
+@dataclass
+class _RoundWire:
+    sent: dict[str, np.ndarray]  # the student as nodes decode it (after INT8 rounding)
+    masks: dict[str, np.ndarray]
+    version: str  # hash of the masks; "" when nothing is pruned
+    master: dict[str, np.ndarray] | None = None  # the FP32 global before INT8 rounding
 
 
 @dataclass
@@ -41,10 +78,22 @@ class RoundLedger:
     bytes_down: int = 0
     bytes_up: int = 0
     messages: int = 0  # training instructions sent
+    eval_messages: int = 0  # evaluation instructions sent (they carry the student too)
     replies: int = 0
     failures: int = 0
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
+
+
+def masks_version(masks: Masks) -> str:
+    """A short content hash of the masks, so nodes can cache them between rounds."""
+    if not masks:
+        return ""
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(np.packbits(np.asarray(masks[name], dtype=bool).ravel()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class EdgeKDStrategy(FedAvg):
@@ -57,6 +106,8 @@ class EdgeKDStrategy(FedAvg):
         teacher_record: ArrayRecord | None = None,
         proxy_record: ArrayRecord | None = None,
         post_aggregate: PostAggregate | None = None,
+        prepare_round: PrepareRound | None = None,
+        wire: WireFormat | None = None,
         node_wait: float = 600.0,
         **fedavg_kwargs: object,
     ) -> None:
@@ -66,8 +117,12 @@ class EdgeKDStrategy(FedAvg):
         self.teacher_record = teacher_record
         self.proxy_record = proxy_record
         self.post_aggregate = post_aggregate
+        self.prepare_round = prepare_round
+        self.wire = wire or WireFormat()
         self.ledger: dict[int, RoundLedger] = {}
         self._nodes_with_teacher: set[int] = set()
+        self._node_masks: dict[int, str] = {}  # node -> mask version it holds
+        self._rounds: dict[int, _RoundWire] = {}
 
     @contextmanager
     def _available_nodes(self, grid: Grid) -> Iterator[None]:
@@ -97,42 +152,109 @@ class EdgeKDStrategy(FedAvg):
         finally:
             self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
 
+    def masks_for_round(self, server_round: int) -> dict[str, np.ndarray]:
+        """The pruning masks the nodes trained under in ``server_round`` (empty: none)."""
+        wire = self._rounds.get(server_round)
+        return dict(wire.masks) if wire is not None else {}
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
+        wire = self._rounds.get(server_round)
+        masks = wire.masks if wire is not None else {}
+        state = record_to_state(arrays)
+        config = self._with_wire_keys(config, server_round, state, masks)
         with self._available_nodes(grid):
-            return list(super().configure_evaluate(server_round, arrays, config, grid))
+            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        ledger = self.ledger.setdefault(server_round, RoundLedger())
+        ledger.eval_messages += len(messages)
+        return self._encode(messages, state, masks, ledger, attach_sources=False)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        masks: dict[str, np.ndarray] = {}
+        if self.prepare_round is not None:
+            arrays, masks = self.prepare_round(server_round, arrays)
+        state = record_to_state(arrays)
+        sent, _ = decode_state(encode_state(state, masks=masks, int8=self.wire.int8), state)
+        self._rounds[server_round] = _RoundWire(
+            dict(sent), masks, masks_version(masks), dict(state) if self.wire.int8 else None
+        )
+        config = self._with_wire_keys(config, server_round, state, masks)
         with self._available_nodes(grid):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         ledger = self.ledger.setdefault(server_round, RoundLedger())
+        ledger.messages += len(messages)
+        return self._encode(messages, state, masks, ledger, attach_sources=True)
+
+    def _with_wire_keys(
+        self, config: ConfigRecord, server_round: int, state: Masks, masks: Masks
+    ) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                **dict(config.items()),
+                R.SHAPES: shapes_manifest(state),
+                R.UPLOAD: self.wire.upload,
+                R.QAT: self.wire.quantizer_for(server_round),
+                R.MASK_VERSION: masks_version(masks),
+            }
+        )
+
+    def _encode(
+        self,
+        messages: list[Message],
+        state: Masks,
+        masks: Masks,
+        ledger: RoundLedger,
+        *,
+        attach_sources: bool,
+    ) -> list[Message]:
+        """Each message with its own content: the encoded student (masks only for nodes
+        that do not hold this version yet) and, for training, the soft-target source."""
+        version = masks_version(masks)
+        with_masks = encode_state(state, masks=masks, int8=self.wire.int8)
+        without = encode_state(state, masks=masks, int8=self.wire.int8, send_masks=False)
         out = []
         for msg in messages:
-            extra: dict[str, ArrayRecord] = {}
             node = msg.metadata.dst_node_id
-            if self.teacher_record is not None and node not in self._nodes_with_teacher:
-                extra[R.TEACHER] = self.teacher_record
-            if self.proxy_record is not None:
-                extra[R.PROXY] = self.proxy_record
-            if extra:
-                content = RecordDict({**dict(msg.content.items()), **extra})
-                msg = Message(
-                    content=content, dst_node_id=node, message_type=msg.metadata.message_type
-                )
-            ledger.messages += 1
+            content = dict(msg.content.items())
+            cached = bool(masks) and self._node_masks.get(node) == version
+            content[self.arrayrecord_key] = without if cached else with_masks
+            if attach_sources and self.teacher_record is not None:
+                if node not in self._nodes_with_teacher:
+                    content[R.TEACHER] = self.teacher_record
+            if attach_sources and self.proxy_record is not None:
+                content[R.PROXY] = self.proxy_record
+            msg = Message(
+                content=RecordDict(content),
+                dst_node_id=node,
+                message_type=msg.metadata.message_type,
+            )
             ledger.bytes_down += sum(record_nbytes(r) for r in msg.content.array_records.values())
             out.append(msg)
         return out
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        wire = self._rounds.get(server_round)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._node_masks.pop(node, None)
+            elif wire is not None and wire.version:
+                self._node_masks[node] = wire.version
+        return super().aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ledger = self.ledger.setdefault(server_round, RoundLedger())
+        wire = self._rounds.get(server_round) or _RoundWire(dict(self.reference_state), {}, "")
         accepted: list[Message] = []
         for msg in replies:
             ledger.replies += 1
@@ -140,13 +262,15 @@ class EdgeKDStrategy(FedAvg):
             if msg.has_error():
                 ledger.failures += 1
                 ledger.reasons.append(f"node {node}: {msg.error.reason}")
+                self._node_masks.pop(node, None)  # it may have lost its cache
                 continue
             record = msg.content.array_records.get(self.arrayrecord_key)
             try:
                 if record is None:
                     raise PayloadError("reply carries no model arrays")
                 ledger.bytes_up += record_nbytes(record)
-                check_update(record, self.reference_state)
+                decoded = self._decode_reply(record, wire)
+                check_update(decoded, wire.sent)
                 if self.weighted_by_key not in msg.content.metric_records.get(
                     R.METRICS, MetricRecord()
                 ):
@@ -157,11 +281,38 @@ class EdgeKDStrategy(FedAvg):
                 log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
                 continue
             self._nodes_with_teacher.add(node)
+            if wire.version:
+                self._node_masks[node] = wire.version
+            msg.content = RecordDict({**dict(msg.content.items()), self.arrayrecord_key: decoded})
             accepted.append(msg)
         arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None:
+            self.reference_state = record_to_state(arrays)
         if arrays is not None and self.post_aggregate is not None:
-            arrays = self.post_aggregate(server_round, arrays)
+            arrays = self.post_aggregate(server_round, arrays, wire.masks)
         if metrics is not None:
             metrics["rejected"] = ledger.rejected
             metrics["failures"] = ledger.failures
         return arrays, metrics
+
+    def _decode_reply(self, record: ArrayRecord, wire: _RoundWire) -> ArrayRecord:
+        """A reply's student as plain FP32 arrays; `PayloadError` if it does not decode."""
+        if not is_encoded(record):  # plain Arrays (a node without the codec mod)
+            check_update(record, wire.sent)
+            state = record_to_state(record)
+            for name, mask in wire.masks.items():  # it cannot un-prune a weight
+                state[name] = np.where(mask, state[name], np.zeros_like(state[name]))
+        elif self.wire.upload == "fp32":
+            state, _ = decode_state(record, wire.sent, known_masks=wire.masks)
+        else:
+            state = decode_delta(record, wire.sent, masks=wire.masks)
+        if wire.master is not None:
+            # The server keeps FP32 master weights: a node's change is applied to them,
+            # not to their INT8 rounding, or every update smaller than half a step
+            # would be rounded away again next round and late training would stall.
+            for name, value in state.items():
+                if value.dtype.kind == "f":
+                    state[name] = (wire.master[name] + (value - wire.sent[name])).astype(
+                        value.dtype
+                    )
+        return state_to_record(state)

@@ -15,6 +15,8 @@ import pytest
         "edgekd.client.app",
         "edgekd.client.teacher_cache",
         "edgekd.payload",
+        "edgekd.codec",
+        "edgekd.client.codec_mod",
         "edgekd.common.metrics",
         "edgekd.common.fidelity",
         "edgekd.common.data",

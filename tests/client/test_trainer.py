@@ -115,3 +115,29 @@ def test_onnx_teacher_is_cached_by_hash_and_matches_torch(tmp_path, monkeypatch)
         teacher_session("0" * 64, blob)
     with pytest.raises(TeacherMissingError):
         teacher_session("1" * 64, None)
+
+
+@pytest.mark.parametrize("quantizer", ["", "int8", "ternary"])
+def test_masked_local_update_keeps_pruned_weights_at_zero(quantizer: str) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    state = model_state(build_model(SPEC))
+    rng = np.random.default_rng(1)
+    masks = {"head.weight": rng.random(state["head.weight"].shape) > 0.8}
+    state["head.weight"][~masks["head.weight"]] = 0.0
+
+    # Execute
+    new, _ = local_kd_update(
+        SPEC,
+        state,
+        _data(),
+        _settings(mode="ce"),
+        teacher_logits=None,
+        masks=masks,
+        quantizer=quantizer,
+    )
+
+    # Assert
+    assert list(new) == list(state)
+    assert np.all(new["head.weight"][~masks["head.weight"]] == 0.0)
+    assert not np.allclose(new["head.weight"], state["head.weight"])

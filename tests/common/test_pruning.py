@@ -13,6 +13,7 @@ from edgekd.common.models import build_model, count_params, spec_for
 from edgekd.common.pruning import (
     apply_masks,
     cubic_sparsity,
+    lamp_scores,
     macs,
     magnitude_masks,
     mask_gradients,
@@ -200,3 +201,22 @@ def test_filter_pruning_removes_dead_filters_without_changing_the_output() -> No
     assert pruned.head.in_features == 4 * 10
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lamp_scores_on_a_hand_example_and_every_layer_keeps_its_largest() -> None:
+    # Prepare: sorted squares 1, 4, 9 -> 1/14, 4/13, 9/9
+    scores = torch.tensor([3.0, -1.0, 2.0])
+
+    # Execute
+    lamp = lamp_scores(scores.abs())
+    masks = magnitude_masks(
+        {"small": torch.full((50,), 0.01) * torch.arange(1, 51), "big": torch.arange(1.0, 51)},
+        0.9,
+        scope="lamp",
+    )
+
+    # Assert
+    torch.testing.assert_close(lamp, torch.tensor([1.0, 1 / 14, 4 / 13], dtype=torch.float64))
+    # Plain global ranking would empty "small"; LAMP keeps part of each layer.
+    assert int(masks["small"].sum()) > 0 and int(masks["big"].sum()) > 0
+    assert int(masks["small"].sum()) + int(masks["big"].sum()) == 10

@@ -68,9 +68,13 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
     assert report["rounds"][1]["bytes_down"] > report["rounds"][2]["bytes_down"]  # teacher once
     comm = report["communication"]
     assert comm["bytes_up"] > 0
-    # 4 clients x 3 rounds, one model each way, 4 bytes a parameter.
-    assert comm["fp32_fedavg_bytes"] == 4 * report["student"]["params"] * 4 * 3 * 2
-    assert comm["teacher_fedavg_bytes"] == 4 * report["teacher"]["params"] * 4 * 3 * 2
+    # 4 clients x 3 rounds, one model each way, plus the evaluation instructions; 4
+    # bytes a parameter.
+    evals = sum(r["eval_messages"] for r in report["rounds"])
+    assert evals == 3 * 2  # fraction-evaluate 0.25 of 4 nodes, at least 2
+    transfers = 4 * 3 * 2 + evals
+    assert comm["fp32_fedavg_bytes"] == 4 * report["student"]["params"] * transfers
+    assert comm["teacher_fedavg_bytes"] == 4 * report["teacher"]["params"] * transfers
     assert report["student"]["params"] * 5 <= report["teacher"]["params"]
     for name in (
         "rounds.jsonl",
@@ -82,3 +86,67 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
     ):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 4
+
+
+def test_simulate_with_a_pruning_and_int8_recipe(tmp_path: Path) -> None:
+    # Prepare
+    from edgekd.codec import read_artifact
+
+    out = tmp_path / "run"
+    recipe = (
+        "model.student-width=32",  # the README recipe's student: 80 % of 3.3k is too few
+        "compression.prune=magnitude:0.8",
+        "compression.quantize=int8",
+        "compression.upload=int8-delta-ef",
+        "compression.teacher=int8",
+        "compression.end-round=2",
+    )
+
+    # Execute
+    code = main(
+        ["simulate", "--num-clients", "4", "--rounds", "3", "--out", str(out), *SMALL]
+        + [arg for key in recipe for arg in ("--set", key)]
+    )
+
+    # Assert
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert sum(r["rejected"] + r["failures"] for r in rounds) == 0
+    # cubic schedule: s_1 = 0.8·(1 − (1 − 1/2)³) = 0.7
+    assert [round(r["sparsity"], 2) for r in rounds] == [0.0, 0.7, 0.8, 0.8]
+    # Round 3: same masks as round 2, which every node cached, so fewer bytes down.
+    assert rounds[3]["bytes_down"] < rounds[2]["bytes_down"]
+    student = report["student"]
+    assert student["bits"] == 8 and student["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert student["bytes"] == (out / "student.ekd").stat().st_size
+    assert student["bytes"] < 4 * student["params"] / 4
+    assert student["accuracy"] > 0.3
+    state, masks = read_artifact(out / "student.ekd")
+    assert all(not state[k][~m].any() for k, m in masks.items())
+    comm = report["communication"]
+    total = comm["bytes_down"] + comm["bytes_up"]
+    assert total < comm["fp32_fedavg_bytes"]
+
+
+def test_simulate_with_filter_pruning_and_low_rank(tmp_path: Path) -> None:
+    # Prepare: structural compression; nodes rebuild the smaller student from shapes
+    out = tmp_path / "run"
+    recipe = ("compression.prune=filter:0.5", "compression.lowrank=energy:0.9")
+
+    # Execute
+    code = main(
+        ["simulate", "--num-clients", "3", "--rounds", "2", "--out", str(out), *SMALL]
+        + [arg for key in recipe for arg in ("--set", key)]
+    )
+
+    # Assert
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sum(r["rejected"] + r["failures"] for r in report["rounds"]) == 0
+    student = report["student"]
+    assert student["params"] < 3274 / 2  # the default width-16 student has 3 274
+    assert student["structure"]["filter_ratio"] == 0.5
+    assert student["structure"]["lowrank"]  # at least one layer was factorized
+    assert student["accuracy"] > 0.3
+    assert (out / "student.int8.onnx").stat().st_size > 0

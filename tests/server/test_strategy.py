@@ -3,72 +3,16 @@ byte accounting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from fakegrid import FakeGrid, Reply  # tests/server/fakegrid.py
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from edgekd.common import records as R
 from edgekd.payload import record_nbytes, record_to_state, state_to_record
-from edgekd.server.strategy import EdgeKDStrategy
-
-Reply = Callable[[int, Message], RecordDict | None]
-
-
-class FakeGrid(Grid):
-    """Answers every message with ``reply(node, msg)``; None becomes an error reply."""
-
-    def __init__(self, nodes: list[int], reply: Reply) -> None:
-        self.nodes, self.reply, self.sent = nodes, reply, []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            content = self.reply(node, msg)
-            reply = _reply(msg, node, content)
-            out.append(reply)
-        return out
-
-    # The strategy never calls these.
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-
-def _reply(msg: Message, node: int, content: RecordDict | None) -> Message:
-    if content is None:
-        return Message(Error(code=0, reason="client crashed"), reply_to=msg)
-    return Message(content, reply_to=msg)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """Messages read the run's identity from process state that a ServerApp sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
+from edgekd.server.strategy import EdgeKDStrategy, WireFormat
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -81,8 +25,8 @@ def _update(value: float, n: int = 10) -> RecordDict:
 
 
 def _strategy(**kwargs: object) -> EdgeKDStrategy:
+    kwargs.setdefault("reference_state", REFERENCE)
     return EdgeKDStrategy(
-        reference_state=REFERENCE,
         fraction_evaluate=0.0,
         min_train_nodes=1,
         min_available_nodes=1,
@@ -103,14 +47,16 @@ def test_teacher_is_shipped_once_per_node_and_counted() -> None:
     first, second = grid.sent[:2], grid.sent[2:]
     assert all(R.TEACHER in m.content.array_records for m in first)
     assert not any(R.TEACHER in m.content.array_records for m in second)
-    # Wire sizes: the array data plus its small .npy header, per array.
-    model_bytes = record_nbytes(state_to_record(REFERENCE))
+    # Down: the codec's raw buffers (no header); up: these fake nodes reply with plain
+    # Arrays, each array's data plus its small .npy header.
+    down_bytes = sum(v.nbytes for v in REFERENCE.values())
+    up_bytes = record_nbytes(state_to_record(REFERENCE))
     teacher_bytes = record_nbytes(teacher)
-    assert sum(v.nbytes for v in REFERENCE.values()) < model_bytes < 400
+    assert down_bytes < up_bytes < 400
     assert 100 < teacher_bytes < 300
-    assert strategy.ledger[1].bytes_down == 2 * (model_bytes + teacher_bytes)
-    assert strategy.ledger[2].bytes_down == 2 * model_bytes
-    assert strategy.ledger[1].bytes_up == 2 * model_bytes
+    assert strategy.ledger[1].bytes_down == 2 * (down_bytes + teacher_bytes)
+    assert strategy.ledger[2].bytes_down == 2 * down_bytes
+    assert strategy.ledger[1].bytes_up == 2 * up_bytes
     assert (strategy.ledger[1].messages, strategy.ledger[2].messages) == (2, 2)
 
 
@@ -194,3 +140,143 @@ def test_fedavg_equivalent_bytes_count_every_transfer() -> None:
     assert comm["fp32_fedavg_bytes"] == 4 * 10 * (6 + 5)
     assert comm["teacher_fedavg_bytes"] == 4 * 100 * 11
     assert (comm["bytes_down"], comm["bytes_up"]) == (60, 50)
+
+
+# ------------------------------------------------------- compressed wire format
+BIG = {"w": np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6), "b": np.ones(4, np.float32)}
+PRUNE = {"w": np.abs(BIG["w"]) > 0.5}  # keeps 12 of 24
+
+
+def _pruning_step(server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+    state = record_to_state(arrays)
+    state["w"] = np.where(PRUNE["w"], state["w"], 0).astype(np.float32)
+    return state_to_record(state), dict(PRUNE)
+
+
+def _compressed_strategy(*, prune: bool = True, **wire: object) -> EdgeKDStrategy:
+    return _strategy(
+        reference_state=BIG,
+        prepare_round=_pruning_step if prune else None,
+        wire=WireFormat(**wire),  # type: ignore[arg-type]
+    )
+
+
+def _node(handler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Reply:
+    """A node that runs the real codec mod around ``handler`` (state -> new state), with a
+    Context that persists between rounds like a SuperNode's."""
+    from flwr.app import Context
+
+    from edgekd.client.codec_mod import payload_codec_mod
+
+    contexts: dict[int, Context] = {}
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        context = contexts.setdefault(node, Context(1, node, {}, RecordDict(), {}))
+
+        def call_next(inner: Message, _ctx: Context) -> Message:
+            state = record_to_state(inner.content[R.ARRAYS])
+            return Message(
+                RecordDict(
+                    {
+                        R.ARRAYS: state_to_record(handler(state)),
+                        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10}),
+                    }
+                ),
+                reply_to=inner,
+            )
+
+        try:
+            return payload_codec_mod(msg, context, call_next).content
+        except Exception:  # noqa: BLE001 - a raising ClientApp becomes an error reply
+            return None
+
+    return reply
+
+
+@pytest.mark.parametrize("upload", ["fp32", "int8-delta", "int8-delta-ef"])
+def test_pruned_weights_are_exactly_zero_after_aggregation(upload: str) -> None:
+    # Prepare: nodes that push every weight, pruned or not, to 0.3
+    strategy = _compressed_strategy(int8=True, upload=upload)
+    grid = FakeGrid([1, 2, 3], _node(lambda s: {k: np.full_like(v, 0.3) for k, v in s.items()}))
+
+    # Execute
+    result = strategy.start(grid, state_to_record(BIG), num_rounds=2, train_config=ConfigRecord())
+
+    # Assert
+    final = record_to_state(result.arrays)
+    assert np.all(final["w"][~PRUNE["w"]] == 0.0)
+    step = np.abs(BIG["w"]).max() / 127  # kept values within half an INT8 step
+    np.testing.assert_allclose(final["w"][PRUNE["w"]], 0.3, atol=step)
+    assert strategy.ledger[2].rejected == 0 and strategy.ledger[2].failures == 0
+
+
+def test_masks_travel_once_per_node_and_again_after_a_failure() -> None:
+    # Prepare: node 2 crashes in round 1 (so it may not have cached the masks)
+    good = _node(lambda s: s)
+    seen: dict[int, dict[int, bool]] = {1: {}, 2: {}}  # round -> node -> carried masks
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        server_round = int(msg.content.config_records[R.CONFIG][R.ROUND])
+        keys = msg.content.array_records[R.ARRAYS].keys()
+        seen[server_round][node] = any(k.endswith("::mask") for k in keys)
+        if node == 2 and server_round == 1:
+            return None
+        return good(node, msg)
+
+    strategy = _compressed_strategy(int8=True)
+    grid = FakeGrid([1, 2], reply)
+
+    # Execute
+    strategy.start(grid, state_to_record(BIG), num_rounds=2, train_config=ConfigRecord())
+
+    # Assert
+    assert seen == {1: {1: True, 2: True}, 2: {1: False, 2: True}}
+    assert strategy.ledger[2].failures == 0
+    assert strategy.ledger[2].bytes_down < strategy.ledger[1].bytes_down
+
+
+def test_a_corrupt_payload_is_rejected_and_the_round_goes_on() -> None:
+    # Prepare: node 1's upload is truncated on the way, node 2's holds a NaN scale
+    good = _node(lambda s: {k: v + 0.1 for k, v in s.items()})
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        content = good(node, msg)
+        assert content is not None
+        arrays = content[R.ARRAYS]
+        if node == 1:
+            arr = arrays["w::values"]
+            arrays["w::values"] = Array(
+                dtype=arr.dtype, shape=(3,), stype=arr.stype, data=arr.data[:3]
+            )
+        if node == 2:
+            arr = arrays["b::scale"]
+            nan = np.array([np.nan], dtype="<f4").tobytes()
+            arrays["b::scale"] = Array(dtype=arr.dtype, shape=(1,), stype=arr.stype, data=nan)
+        return content
+
+    strategy = _compressed_strategy(int8=True, upload="int8-delta")
+    grid = FakeGrid([1, 2, 3], reply)
+
+    # Execute
+    result = strategy.start(grid, state_to_record(BIG), num_rounds=1, train_config=ConfigRecord())
+
+    # Assert
+    ledger = strategy.ledger[1]
+    assert (ledger.replies, ledger.rejected) == (3, 2)
+    assert any("truncated" in r for r in ledger.reasons)
+    assert any("NaN" in r for r in ledger.reasons)
+    final = record_to_state(result.arrays)
+    np.testing.assert_allclose(final["b"], 1.1, atol=1.1 / 127)  # node 3 alone
+
+
+def test_updates_smaller_than_an_int8_step_still_accumulate() -> None:
+    # Prepare: every node nudges every weight by 0.001, an eighth of the INT8 step
+    strategy = _compressed_strategy(int8=True, upload="int8-delta", prune=False)
+    grid = FakeGrid([1, 2], _node(lambda s: {k: v + 0.001 for k, v in s.items()}))
+
+    # Execute
+    result = strategy.start(grid, state_to_record(BIG), num_rounds=6, train_config=ConfigRecord())
+
+    # Assert: the FP32 master moved 6 × 0.001 (rounding each round would leave it still)
+    moved = record_to_state(result.arrays)["w"] - BIG["w"]
+    np.testing.assert_allclose(moved, 0.006, atol=0.001)

@@ -1,0 +1,113 @@
+"""ClientApp mod that speaks the payload codec, so the handlers see plain arrays.
+
+Flower mods are middleware (``mod(msg, context, call_next)``). This one, on the way
+in, decodes the student from `edgekd.codec` (shape manifest from the config; INT8
+values dequantized; masks unpacked, or taken from this node's cache when the server
+knows the node already holds that mask version) and hands the masks to the handler
+as the ``R.MASKS`` record. On the way out it encodes the trained student the way the
+server asked (``compression.upload``): FP32 kept values, or an INT8 delta against the
+state it received, optionally with error feedback whose residual stays on the node
+(``context.state``). Numpy only: onnxruntime and LiteRT nodes use it too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from edgekd.codec import (
+    MASK_SUFFIX,
+    decode_state,
+    encode_delta,
+    encode_state,
+    is_encoded,
+    reference_from_manifest,
+)
+from edgekd.common import records as R
+from edgekd.payload import PayloadError, record_to_state, state_to_record
+
+_MASKS_STATE = "edgekd.masks"  # context.state keys: the cached masks and their version
+_MASKS_VERSION = "edgekd.masks-version"
+_RESIDUAL_STATE = "edgekd.residual"  # error-feedback residual of the last upload
+
+
+def payload_codec_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    if not msg.has_content():
+        return call_next(msg, context)
+    record = msg.content.array_records.get(R.ARRAYS)
+    if record is None or not is_encoded(record):
+        return call_next(msg, context)
+    config = msg.content.config_records.get(R.CONFIG, ConfigRecord())
+    reference = reference_from_manifest(str(config.get(R.SHAPES, "{}")))
+    version = str(config.get(R.MASK_VERSION, ""))
+    carries_masks = any(key.endswith(MASK_SUFFIX) for key in record.keys())
+    known = None
+    if version and not carries_masks:
+        known = _cached_masks(context, version)
+    received, masks = decode_state(record, reference, known_masks=known)
+    if version and carries_masks:
+        _cache_masks(context, version, masks)
+    content = dict(msg.content.items())
+    content[R.ARRAYS] = state_to_record(received)
+    content[R.MASKS] = ArrayRecord(
+        OrderedDict((k, Array(m.astype(np.uint8))) for k, m in masks.items())
+    )
+    msg.content = RecordDict(content)
+    reply = call_next(msg, context)
+    if not reply.has_content() or R.ARRAYS not in reply.content.array_records:
+        return reply
+    trained = record_to_state(reply.content.array_records[R.ARRAYS])
+    upload = str(config.get(R.UPLOAD, "fp32"))
+    if upload == "fp32":
+        encoded = encode_state(trained, masks=masks, send_masks=False)
+    else:
+        feedback = _residual(context, received) if upload == "int8-delta-ef" else None
+        encoded, residual = encode_delta(trained, received, error_feedback=feedback, masks=masks)
+        if upload == "int8-delta-ef":
+            context.state[_RESIDUAL_STATE] = state_to_record(residual)
+    out = dict(reply.content.items())
+    out[R.ARRAYS] = encoded
+    reply.content = RecordDict(out)
+    return reply
+
+
+def masks_from_message(content: RecordDict) -> dict[str, np.ndarray]:
+    """The masks the mod decoded for this round (empty when nothing is pruned)."""
+    record = content.array_records.get(R.MASKS)
+    if record is None:
+        return {}
+    return {k: v.astype(bool) for k, v in record_to_state(record).items()}
+
+
+def _cached_masks(context: Context, version: str) -> dict[str, np.ndarray]:
+    cached = context.state.config_records.get(_MASKS_VERSION, ConfigRecord()).get("version")
+    if cached != version or _MASKS_STATE not in context.state.array_records:
+        raise PayloadError(
+            f"the server sent no masks and this node does not hold version {version[:12]}"
+        )
+    return masks_from_message(RecordDict({R.MASKS: context.state.array_records[_MASKS_STATE]}))
+
+
+def _cache_masks(context: Context, version: str, masks: dict[str, np.ndarray]) -> None:
+    context.state[_MASKS_STATE] = ArrayRecord(
+        OrderedDict((k, Array(m.astype(np.uint8))) for k, m in masks.items())
+    )
+    context.state[_MASKS_VERSION] = ConfigRecord({"version": version})
+
+
+def _residual(
+    context: Context, received: OrderedDict[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """The last residual, if it still fits the student's shapes."""
+    record = context.state.array_records.get(_RESIDUAL_STATE)
+    if record is None:
+        return None
+    residual = record_to_state(record)
+    if list(residual) != list(received) or any(
+        residual[k].shape != received[k].shape for k in received
+    ):
+        return None
+    return dict(residual)
