@@ -19,7 +19,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edgekd.common.config import ConfigError, EdgeKDConfig
+from edgekd.common.config import (
+    CONTINUAL_METHODS,
+    CONTINUAL_SCENARIOS,
+    ConfigError,
+    EdgeKDConfig,
+)
 
 
 class UsageError(Exception):
@@ -62,8 +67,19 @@ def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
         "out-dir": args.out,
         "baseline": True if args.baseline else None,
         "model.teacher-path": args.teacher,
+        "continual.scenario": args.scenario,
+        "continual.tasks": args.tasks,
+        "continual.rounds-per-task": args.rounds_per_task,
+        "continual.method": args.cl_method,
     }
     cfg = build_config(args.config, args.set, flags)
+    continual_flags = (args.tasks, args.rounds_per_task, args.cl_method)
+    if not cfg.continual.scenario and any(v is not None for v in continual_flags):
+        raise UsageError("--tasks, --rounds-per-task and --cl-method need --scenario")
+    if cfg.continual.scenario and args.rounds is not None:
+        raise UsageError("--rounds does not apply to a continual run; use --rounds-per-task")
+    if cfg.continual.scenario and cfg.baseline:
+        raise UsageError("--baseline does not apply to a continual run; --cl-method all compares")
     if args.num_clients < 1:
         raise UsageError(f"--num-clients must be >= 1, got {args.num_clients}")
     train = replace(cfg.train, min_nodes=min(cfg.train.min_nodes, args.num_clients))
@@ -90,44 +106,125 @@ def preflight(cfg: EdgeKDConfig) -> None:
             raise UsageError(str(exc)) from None
 
 
+def continual_preflight(cfg: EdgeKDConfig) -> None:
+    """Fail before Ray starts: build both streams (warming the caches the clients read)
+    and check that a given teacher checkpoint fits them."""
+    from edgekd.common.models import CheckpointError, load_checkpoint, spec_for
+    from edgekd.continual.scenario import client_stream, server_stream
+
+    stream = client_stream(cfg)
+    server_stream(cfg)
+    if cfg.model.teacher_path:
+        expected = spec_for(stream.input_shape, stream.num_classes, cfg.model.teacher_width)
+        try:
+            load_checkpoint(cfg.model.teacher_path, expected=expected)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
+    if cfg.continual.scenario:
+        return simulate_continual(cfg, args)
     preflight(cfg)
-    from flwr.simulation import run_simulation
 
     from edgekd.client.app import make_client_app
     from edgekd.server.app import make_server_app
 
-    if not args.verbose:
-        # Flower warns that run_simulation is deprecated in favour of `flwr run`; both
-        # are supported here, so keep the progress bars readable.
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _quiet_flower(args.verbose)
     print(
         f"edgekd simulate: {cfg.data.dataset}, {args.num_clients} clients, "
         f"{cfg.train.num_rounds} rounds, partition {cfg.data.partition}, "
         f"client shift {'on' if cfg.data.client_shift else 'off'} -> {cfg.out_dir}",
         flush=True,
     )
+    report_path = _run_simulation(
+        make_server_app(cfg), make_client_app(cfg), cfg, args.num_clients, args.verbose
+    )
+    print_summary(json.loads(report_path.read_text()))
+    print(f"report: {report_path}")
+    return 0
+
+
+def _run_simulation(
+    server_app: Any, client_app: Any, cfg: EdgeKDConfig, num_clients: int, verbose: bool
+) -> Path:
+    """Flower's Ray simulation, one CPU per simulated client; the report's path."""
+    from flwr.simulation import run_simulation
+
     cpus = os.cpu_count() or 1
     run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=make_client_app(cfg),
-        num_supernodes=args.num_clients,
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False},
         },
-        verbose_logging=args.verbose,
+        verbose_logging=verbose,
     )
     report_path = Path(cfg.out_dir) / "report.json"
     if not report_path.exists():
         raise UsageError(
             f"the simulation ended without a report ({report_path}); rerun with --verbose"
         )
-    print_summary(json.loads(report_path.read_text()))
-    print(f"report: {report_path}")
+    return report_path
+
+
+def _quiet_flower(verbose: bool) -> None:
+    if not verbose:
+        # Flower warns that run_simulation is deprecated in favour of `flwr run`; both
+        # are supported here, so keep the progress bars readable.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
+    """``edgekd simulate --scenario ...``: a continual run (one method, or ``all`` of them on
+    the same stream, teacher and initial student), ending with a comparison table."""
+    continual_preflight(cfg)
+
+    from edgekd.client.continual_client import make_continual_client_app
+    from edgekd.server.continual import make_continual_server_app
+
+    _quiet_flower(args.verbose)
+    cl = cfg.continual
+    print(
+        f"edgekd simulate: {cl.scenario}, {cl.tasks} tasks x {cl.rounds_per_task} rounds, "
+        f"method {cl.method}, {args.num_clients} clients, partition {cfg.data.partition} "
+        f"within each task -> {cfg.out_dir}",
+        flush=True,
+    )
+    report_path = _run_simulation(
+        make_continual_server_app(cfg),
+        make_continual_client_app(cfg),
+        cfg,
+        args.num_clients,
+        args.verbose,
+    )
+    print()
+    print(continual_table(json.loads(report_path.read_text())["continual"]))
+    print(f"\nreport: {report_path}")
     return 0
+
+
+def continual_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of the methods' final average accuracy, forgetting, BWT, FWT and
+    wall time (the ``continual`` block of a report)."""
+
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| method | avg accuracy | forgetting | BWT | FWT | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, m in results.items():
+        lines.append(
+            f"| {method} | {num(m.get('avg_accuracy'))} | {num(m.get('forgetting'))} | "
+            f"{num(m.get('bwt'))} | {num(m.get('fwt'))} | {m.get('wall_time', 0.0):.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -210,6 +307,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="also train FedAvg without a teacher and a server-only KD student",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
+    cont = sim.add_argument_group("continual learning (tasks arrive one after another)")
+    cont.add_argument(
+        "--scenario",
+        choices=CONTINUAL_SCENARIOS,
+        help="run a continual federation on this mnist1d stream instead of plain KD",
+    )
+    cont.add_argument("--tasks", type=int, help="tasks in the stream (5)")
+    cont.add_argument(
+        "--rounds-per-task", type=int, help="federated rounds on each task before the next (3)"
+    )
+    cont.add_argument(
+        "--cl-method",
+        choices=[*CONTINUAL_METHODS, "all"],
+        help="anti-forgetting method (teacher-kd); all: the five on the same stream, compared",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     ins = sub.add_parser("inspect", help="fidelity of a student against its teacher")

@@ -1,0 +1,260 @@
+"""The continual-learning ClientApp: each round, one local pass on the node's share of the
+current task, with the anti-forgetting method's state kept on the node.
+
+The server (`edgekd.server.continual`) says which task a round belongs to (``continual.task``)
+and which method to use; everything the method carries between rounds and tasks (LwF's
+snapshot, EWC's Fisher and anchor, the replay buffer, the teacher's proxy set) lives in this
+node's ``context.state``, never on the server. A node calls ``after_task`` lazily: at its
+first round of a later task, on the global student it just received (the model at the end of
+the tasks it missed) and on its own data of each task that ended, then ``before_task`` for
+the new one, so the hooks bracket the task as `edgekd.continual.learner.run_sequential` does.
+A node whose first round comes in a later task (or that lost its state) starts from there.
+
+Thin glue: the math is in `edgekd.continual` (regularizers, ``train_task``); the payload
+codec runs as a mod, so the handler sees plain arrays.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edgekd.client.codec_mod import payload_codec_mod
+from edgekd.common import records as R
+from edgekd.common.config import EdgeKDConfig
+from edgekd.common.specs import spec_for
+from edgekd.continual.scenario import client_stream, proxy_digest
+from edgekd.continual.streams import TaskStream, task_client_split
+from edgekd.payload import record_to_state, state_to_record
+
+if TYPE_CHECKING:
+    from edgekd.continual.regularizers import ContinualRegularizer
+
+# context.state entries (this node only)
+STATE = "continual.state"  # ArrayRecord: the regularizer's state_dict()
+META = "continual.meta"  # ConfigRecord: run tag and the task the state belongs to
+PROXY_STATE = "continual.proxy"  # ArrayRecord: the teacher's proxy set, as shipped once
+PROXY_META = "continual.proxy-meta"  # ConfigRecord: its hash
+
+
+class ContinualStateError(RuntimeError):
+    """The node lacks something the server assumes it holds (e.g. the proxy set)."""
+
+
+def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
+    """One round of local continual training; see the module docstring."""
+    import torch
+
+    from edgekd.continual.learner import train_task
+
+    torch.set_num_threads(1)  # one simulated client per core
+    config = msg.content.config_records[R.CONFIG]
+    pid = int(_scalar(context.node_config, R.PARTITION_ID))
+    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
+    seed = int(_scalar(config, R.SEED))
+    task_id = int(_scalar(config, R.CL_TASK))
+    run = str(_scalar(config, R.CL_RUN))
+    stream = client_stream(cfg)
+    if not 0 <= task_id < len(stream):
+        raise ValueError(f"{R.CL_TASK} {task_id} outside the stream's {len(stream)} tasks")
+    # Per node (and round), reproducible for the same run, as edgekd.client.app seeds.
+    node_seed = seed * 100_003 + pid
+    round_seed = node_seed + int(_scalar(config, R.ROUND)) * 1009
+
+    model = _load_student(cfg, stream, record_to_state(msg.content.array_records[R.ARRAYS]))
+    regularizer = _make_regularizer(config, _proxy(msg, context, config), node_seed, round_seed)
+    _advance(regularizer, model, stream, context, run, task_id, cfg.data.partition, pid, num, seed)
+
+    local = task_client_split(stream[task_id], cfg.data.partition, pid, num, seed)
+    out = train_task(
+        model,
+        local.x,
+        local.y,
+        regularizer,
+        epochs=int(_scalar(config, R.LOCAL_EPOCHS)),
+        lr=float(_scalar(config, R.LR)),
+        batch_size=int(_scalar(context.node_config, R.NODE_BATCH_SIZE, config[R.BATCH_SIZE])),
+        seed=round_seed,
+        class_weighting=bool(_scalar(config, R.CLASS_WEIGHTING)),
+        max_class_weight=float(_scalar(config, R.MAX_CLASS_WEIGHT)),
+        clip_norm=float(_scalar(config, R.CLIP_NORM)),
+    )
+    save_state(context, regularizer, run, task_id)
+    new_state = OrderedDict(
+        (k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items()
+    )
+    reply = RecordDict(
+        {
+            R.ARRAYS: state_to_record(new_state),
+            R.METRICS: MetricRecord(
+                {
+                    R.TRAIN_LOSS: float(out["loss"]),
+                    R.PENALTY: float(out["penalty"]),
+                    R.NUM_EXAMPLES: len(local),
+                }
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def handle_warm_up(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
+    """The server's warm-up query: load what every round needs (torch, flwr-datasets'
+    partitioners, the stream and this node's share of the first task) and take one
+    throw-away optimizer step (torch imports more on the first one), so that the first
+    method's clock does not include any of it."""
+    from edgekd.common.models import build_model
+    from edgekd.continual.learner import train_task
+    from edgekd.continual.regularizers import NaiveFineTuning
+
+    stream = client_stream(cfg)
+    pid = int(_scalar(context.node_config, R.PARTITION_ID))
+    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
+    task_client_split(stream[0], cfg.data.partition, pid, num, cfg.seed)
+    model = build_model(spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width))
+    x, y = stream[0].x_train[:2], stream[0].y_train[:2]
+    train_task(model, x, y, NaiveFineTuning(), epochs=1, lr=1e-3, batch_size=2, seed=0)
+    return Message(content=RecordDict(), reply_to=msg)
+
+
+def _advance(
+    regularizer: ContinualRegularizer,
+    model: Any,
+    stream: TaskStream,
+    context: Context,
+    run: str,
+    task_id: int,
+    partition: str,
+    pid: int,
+    num: int,
+    seed: int,
+) -> None:
+    """Restore the node's state for ``run`` and bring it to ``task_id``: ``after_task`` for
+    every task that ended since the node last trained, ``before_task`` for a new task."""
+    meta = context.state.config_records.get(META)
+    held = int(_scalar(meta, "task")) if meta is not None and meta.get("run") == run else None
+    if held is not None and held > task_id:
+        held = None  # the server went back in the stream: a new run under the same tag
+    if held is None:  # this node's first round of the run, or a state of another run
+        regularizer.before_task(model, stream[task_id])
+        return
+    regularizer.load_state_dict(record_to_state(context.state.array_records[STATE]))
+    for past in range(held, task_id):
+        data = task_client_split(stream[past], partition, pid, num, seed)
+        regularizer.after_task(model, stream[past], data.x, data.y)
+    if task_id > held:
+        regularizer.before_task(model, stream[task_id])
+
+
+def save_state(context: Context, regularizer: ContinualRegularizer, run: str, task_id: int) -> None:
+    """Keep the regularizer's numpy state and the task it belongs to in ``context.state``."""
+    # Not state_to_record: np.ascontiguousarray would turn 0-d scalars (a count) into 1-d.
+    context.state[STATE] = ArrayRecord(
+        OrderedDict((k, Array(np.array(v))) for k, v in regularizer.state_dict().items())
+    )
+    context.state[META] = ConfigRecord({"run": run, "task": task_id})
+
+
+def held_state(context: Context) -> dict[str, np.ndarray]:
+    """The regularizer state this node holds (empty before its first round)."""
+    record = context.state.array_records.get(STATE)
+    return dict(record_to_state(record)) if record is not None else {}
+
+
+def _make_regularizer(
+    config: ConfigRecord,
+    proxy: tuple[np.ndarray, np.ndarray] | None,
+    node_seed: int,
+    round_seed: int,
+) -> ContinualRegularizer:
+    from edgekd.continual.regularizers import make_regularizer
+
+    method = str(_scalar(config, R.CL_METHOD))
+    kwargs: dict[str, Any] = {}
+    if method == "teacher-kd":
+        if proxy is None:
+            raise ContinualStateError("teacher-kd needs the teacher's proxy set; none was sent")
+        kwargs = {
+            "weight": float(_scalar(config, R.CL_WEIGHT)),
+            "temperature": float(_scalar(config, R.CL_TEMPERATURE)),
+            "proxy_x": proxy[0],
+            "proxy_probs": proxy[1],
+            "seed": round_seed,  # the proxy batches of this round
+        }
+    elif method == "lwf":
+        kwargs = {
+            "weight": float(_scalar(config, R.CL_WEIGHT)),
+            "temperature": float(_scalar(config, R.CL_TEMPERATURE)),
+        }
+    elif method == "ewc":
+        kwargs = {"weight": float(_scalar(config, R.CL_EWC_WEIGHT))}
+    elif method == "replay":
+        # The reservoir's seed is not in its state: it must be the same in every round.
+        kwargs = {"buffer_size": int(_scalar(config, R.CL_BUFFER_SIZE)), "seed": node_seed}
+    return make_regularizer(method, **kwargs)
+
+
+def _proxy(
+    msg: Message, context: Context, config: ConfigRecord
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The proxy set from this message (cached on the node) or from the node's cache."""
+    expected = str(config.get(R.CL_PROXY_HASH, ""))
+    if not expected:
+        return None
+    attached = msg.content.array_records.get(R.PROXY)
+    if attached is not None:
+        x, probs = attached[R.PROXY_X].numpy(), attached[R.PROXY_PROBS].numpy()
+        if proxy_digest(x, probs) != expected:
+            raise ContinualStateError(f"the proxy set does not match its hash {expected}")
+        context.state[PROXY_STATE] = attached
+        context.state[PROXY_META] = ConfigRecord({"hash": expected})
+        return x, probs
+    held = context.state.config_records.get(PROXY_META, ConfigRecord()).get("hash")
+    if held != expected or PROXY_STATE not in context.state.array_records:
+        raise ContinualStateError(f"this node does not hold the proxy set {expected}")
+    cached = context.state.array_records[PROXY_STATE]
+    return cached[R.PROXY_X].numpy(), cached[R.PROXY_PROBS].numpy()
+
+
+def _load_student(cfg: EdgeKDConfig, stream: TaskStream, state: Mapping[str, np.ndarray]) -> Any:
+    import torch
+
+    from edgekd.common.models import build_model
+
+    model = build_model(spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model
+
+
+def _scalar(record: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A scalar from a Flower record; a list or bytes value is a malformed config."""
+    value = record.get(key, default)
+    if value is None or isinstance(value, (list, bytes)):
+        raise ValueError(f"config key '{key}' is missing or not a scalar")
+    return value
+
+
+def make_continual_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
+    """A continual ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
+    client_app = ClientApp(mods=[payload_codec_mod])
+
+    def config_of(context: Context) -> EdgeKDConfig:
+        return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_continual_train(config_of(context), msg, context)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_warm_up(config_of(context), msg, context)
+
+    return client_app
+
+
+app = make_continual_client_app()

@@ -1,0 +1,236 @@
+"""Local continual training (torch): one task's pass, stream evaluation, a sequential runner.
+
+:func:`train_task` is the unit a federated client runs each round on its share of the
+current task: the task loss plus a :class:`~edgekd.continual.regularizers.ContinualRegularizer`
+penalty, with Adam and gradient clipping as `edgekd.common.training.kd_train`.
+:func:`run_sequential` chains it over a whole :class:`~edgekd.continual.streams.TaskStream`
+on one machine (no federation), for tests and quick comparisons of the methods; a Flower
+adapter reuses :func:`train_task` and the regularizers' ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.common.kd import inverse_frequency_class_weights, sample_weights_for
+from edgekd.common.training import DivergenceError, predict_logits, seed_everything
+from edgekd.continual.metrics import summarize
+from edgekd.continual.regularizers import ContinualRegularizer, make_regularizer
+from edgekd.continual.streams import TaskStream
+
+__all__ = ["evaluate_stream", "run_sequential", "train_task"]
+
+
+def train_task(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    regularizer: ContinualRegularizer,
+    *,
+    teacher_probs: np.ndarray | None = None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    class_weighting: bool = False,
+    max_class_weight: float = 5.0,
+    clip_norm: float = 2.0,
+) -> dict[str, float]:
+    """Train ``model`` in place on one task's data ``(x, y)``.
+
+    Per batch ``B`` (plus the regularizer's replay samples ``R``, if any)::
+
+        loss = alpha * mean_{i in B u R} w_i * CE(z_i, y_i) + penalty(model, x_B, z_B, y_B, p_t,B),
+
+    where ``w_i`` are `edgekd.common.kd.inverse_frequency_class_weights` of the task's labels
+    when ``class_weighting`` (replayed samples, whose classes may be absent from the task,
+    get weight 1), else 1. The penalty sees only the current batch. With
+    ``TeacherKD(weight=1 - alpha, temperature=tau)`` and no class weights this is exactly
+    the Hinton KD loss of `edgekd.common.kd.class_balanced_kd_loss`.
+
+    Adam, gradient-norm clipping at ``clip_norm`` and a seeded shuffling generator, as in
+    `edgekd.common.training.kd_train`: the same model, data and seed give the same weights.
+    ``before_task`` / ``after_task`` are *not* called here; they bracket a whole task, which
+    may span several calls (federated rounds).
+
+    Args:
+        model: The student, trained in place.
+        x, y: The task's (or this client's share of the task's) inputs and labels.
+        regularizer: The anti-forgetting method.
+        teacher_probs: ``[N, K]`` teacher probabilities for ``x``, softened at the
+            regularizer's temperature; required when ``regularizer.needs_teacher``.
+        epochs, lr, batch_size: Local training settings.
+        seed: Seeds the batch order (and replay draws).
+        alpha: Weight of the cross-entropy task loss, ``>= 0``.
+        class_weighting: Inverse-frequency weighting of the CE term.
+        max_class_weight: Bound on a class weight (see the kd function).
+        clip_norm: Gradient-norm clip; ``<= 0`` disables it.
+
+    Returns:
+        ``loss`` and ``penalty``: means over the samples of the last epoch; ``steps``.
+
+    Raises:
+        DivergenceError: When a loss turns non-finite.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if regularizer.needs_teacher and teacher_probs is None:
+        raise ValueError(f"method '{regularizer.name}' needs teacher_probs")
+    if teacher_probs is not None and len(teacher_probs) != len(y):
+        raise ValueError(f"teacher_probs has {len(teacher_probs)} rows for {len(y)} samples")
+    if len(y) == 0:
+        return {"loss": 0.0, "penalty": 0.0, "steps": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    pt = torch.from_numpy(teacher_probs) if teacher_probs is not None else None
+    weights = (
+        sample_weights_for(
+            yt, inverse_frequency_class_weights(y, int(y.max()) + 1, max_weight=max_class_weight)
+        )
+        if class_weighting
+        else None
+    )
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    steps = 0
+    last_loss = last_penalty = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        loss_sum = penalty_sum = 0.0
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = xt[idx], yt[idx]
+            wb = weights[idx] if weights is not None else None
+            extra = regularizer.extra_batch(len(idx), gen)
+            if extra is not None:
+                x_in, y_in = torch.cat([xb, extra[0]]), torch.cat([yb, extra[1]])
+                if wb is not None:
+                    wb = torch.cat([wb, torch.ones(len(extra[1]), dtype=wb.dtype)])
+            else:
+                x_in, y_in = xb, yb
+            logits = model(x_in)
+            ce = F.cross_entropy(logits, y_in, reduction="none")
+            task_loss = (ce * wb).mean() if wb is not None else ce.mean()
+            penalty = regularizer.penalty(
+                model, xb, logits[: len(idx)], yb, pt[idx] if pt is not None else None
+            )
+            loss = alpha * task_loss + penalty
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"non-finite loss {loss.item()} during continual training")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_norm > 0:
+                nn.utils.clip_grad_norm_(params, clip_norm)
+            opt.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            penalty_sum += float(penalty.detach()) * len(idx)
+        last_loss, last_penalty = loss_sum / len(y), penalty_sum / len(y)
+    model.eval()
+    return {"loss": last_loss, "penalty": last_penalty, "steps": float(steps)}
+
+
+def evaluate_stream(model: nn.Module, stream: TaskStream) -> np.ndarray:
+    """Top-1 accuracy on each task's test set, argmax over *all* classes (one shared head,
+    so class-incremental tasks are scored without being told the task); NaN for an empty
+    test set."""
+    acc = np.full(len(stream), np.nan)
+    for t, task in enumerate(stream):
+        if len(task.y_test):
+            pred = predict_logits(model, task.x_test).argmax(axis=1)
+            acc[t] = float((pred == task.y_test).mean())
+    return acc
+
+
+def run_sequential(
+    stream: TaskStream,
+    method: str | ContinualRegularizer,
+    model_factory: Callable[[], nn.Module],
+    teacher_probs_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    epochs: int = 3,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    alpha: float = 1.0,
+    class_weighting: bool = False,
+    regularizer_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model on the tasks of ``stream`` in order, without federation.
+
+    The model comes from ``model_factory()`` after seeding torch with ``seed``; its accuracy
+    before any training is the forward-transfer baseline ``b``. After each task ``i`` the
+    model is scored on every task, giving row ``i`` of the accuracy matrix ``R``.
+
+    Args:
+        stream: The tasks.
+        method: A regularizer name for `make_regularizer` (with ``regularizer_kwargs``) or a
+            regularizer object (used as is, and mutated).
+        model_factory: Builds the untrained student.
+        teacher_probs_fn: ``x -> teacher probabilities`` at the regularizer's temperature;
+            called on each task's training inputs when the regularizer uses teacher
+            probabilities, required when it needs them (teacher-kd without a proxy set).
+        epochs, lr, batch_size, alpha, class_weighting: Passed to :func:`train_task`.
+        seed: Seeds the model initialisation and each task's batch order.
+        regularizer_kwargs: Keyword arguments for `make_regularizer`.
+
+    Returns:
+        :func:`~edgekd.continual.metrics.summarize` of ``R`` and ``b`` plus ``method``,
+        ``scenario``, ``baseline`` (``b`` as a list), ``train`` (per-task train_task output)
+        and ``wall_time_s``.
+    """
+    start = time.perf_counter()
+    regularizer = (
+        method
+        if isinstance(method, ContinualRegularizer)
+        else make_regularizer(method, **(regularizer_kwargs or {}))
+    )
+    if regularizer.needs_teacher and teacher_probs_fn is None:
+        raise ValueError(f"method '{regularizer.name}' needs a teacher_probs_fn")
+    seed_everything(seed)
+    model = model_factory()
+    baseline = evaluate_stream(model, stream)
+    rows = []
+    train_logs = []
+    for task in stream:
+        regularizer.before_task(model, task)
+        probs = (
+            teacher_probs_fn(task.x_train)
+            if regularizer.uses_teacher_probs and teacher_probs_fn is not None
+            else None
+        )
+        task_seed = int(np.random.SeedSequence([seed, task.id]).generate_state(1)[0])
+        train_logs.append(
+            train_task(
+                model,
+                task.x_train,
+                task.y_train,
+                regularizer,
+                teacher_probs=probs,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=task_seed,
+                alpha=alpha,
+                class_weighting=class_weighting,
+            )
+        )
+        regularizer.after_task(model, task, task.x_train, task.y_train)
+        rows.append(evaluate_stream(model, stream))
+    return {
+        **summarize(np.stack(rows), baseline),
+        "method": regularizer.name,
+        "scenario": stream.scenario,
+        "baseline": baseline.tolist(),
+        "train": train_logs,
+        "wall_time_s": time.perf_counter() - start,
+    }

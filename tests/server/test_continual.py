@@ -1,0 +1,279 @@
+"""The continual federation against a fake Grid (no Ray): the strategy's task schedule, the
+real client handler with per-node Contexts that persist across rounds, and the state each
+node keeps (replay buffer, EWC Fisher, LwF snapshot, the proxy set) between rounds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fakegrid import FakeGrid  # tests/server/fakegrid.py
+from flwr.app import Context, Message, RecordDict
+
+from edgekd.client.codec_mod import payload_codec_mod
+from edgekd.client.continual_client import META, PROXY_STATE, handle_continual_train, held_state
+from edgekd.common import records as R
+from edgekd.common.config import EdgeKDConfig
+from edgekd.common.models import build_model, spec_for
+from edgekd.continual.scenario import client_stream
+from edgekd.continual.streams import task_client_split
+from edgekd.payload import record_to_state, state_to_record
+from edgekd.server.continual import (
+    ContinualStrategy,
+    TaskSchedule,
+    continual_train_config,
+    run_method,
+)
+
+NODES = [11, 12]
+
+
+class Federation:
+    """Two simulated nodes: the real codec mod and continual handler, one Context per node
+    kept across rounds (as the simulation engine keeps ``context.state``), and a record of
+    each node's continual state after every round it trained."""
+
+    def __init__(self, cfg: EdgeKDConfig, crash: set[tuple[int, int]] | None = None) -> None:
+        self.cfg = cfg
+        self.crash = crash or set()  # (round, node): the node loses its state and fails
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={R.PARTITION_ID: i, R.NUM_PARTITIONS: len(NODES)},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, node in enumerate(NODES)
+        }
+        self.states: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.tasks: dict[tuple[int, int], int] = {}
+        self.received: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.grid = FakeGrid(NODES, self.reply)
+
+    def reply(self, node: int, msg: Message) -> RecordDict | None:
+        config = msg.content.config_records[R.CONFIG]
+        rnd = int(config[R.ROUND])  # type: ignore[arg-type]
+        context = self.contexts[node]
+        if (rnd, node) in self.crash:
+            context.state = RecordDict()  # a restarted device: its state is gone
+            return None
+
+        def handler(m: Message, c: Context) -> Message:
+            self.received[rnd, node] = dict(record_to_state(m.content.array_records[R.ARRAYS]))
+            return handle_continual_train(self.cfg, m, c)
+
+        try:
+            out = payload_codec_mod(msg, context, handler)
+        except Exception:  # noqa: BLE001 - the real engine turns this into an error reply
+            return None
+        self.states[rnd, node] = copy.deepcopy(held_state(context))
+        self.tasks[rnd, node] = int(context.state.config_records[META]["task"])  # type: ignore[arg-type]
+        return out.content
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> EdgeKDConfig:
+    """Two tiny class-incremental tasks, two rounds each, two IID nodes."""
+    return EdgeKDConfig().with_overrides(
+        {
+            "continual.scenario": "class-incremental",
+            "continual.tasks": 2,
+            "continual.rounds-per-task": 2,
+            "continual.samples-per-task": 200,
+            "continual.buffer-size": 30,
+            "continual.proxy-size": 40,
+            "data.partition": "iid",
+            "model.student-width": 4,
+            "train.local-epochs": 1,
+            "train.min-nodes": 2,
+            "out-dir": str(tmp_path / "run"),
+        }
+    )
+
+
+def _run(
+    cfg: EdgeKDConfig, method: str, *, crash: set[tuple[int, int]] | None = None
+) -> tuple[Federation, dict[str, Any], torch.nn.Module]:
+    stream = client_stream(cfg)
+    spec = spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width)
+    torch.manual_seed(0)
+    initial = build_model(spec)
+    proxy = None
+    if method == "teacher-kd":  # any probabilities will do here: a fixed random "teacher"
+        rng = np.random.default_rng(0)
+        x = stream[0].x_test[: cfg.continual.proxy_size]
+        probs = rng.dirichlet(np.ones(10), size=len(x)).astype(np.float32)
+        proxy = state_to_record({R.PROXY_X: x, R.PROXY_PROBS: probs})
+    fed = Federation(cfg, crash)
+    summary, _, final = run_method(fed.grid, cfg, method, stream, spec, initial, proxy_record=proxy)
+    return fed, summary, final
+
+
+def test_task_schedule() -> None:
+    schedule = TaskSchedule(tasks=3, rounds_per_task=2)
+    assert schedule.num_rounds == 6
+    assert [schedule.task_of(r) for r in range(1, 7)] == [0, 0, 1, 1, 2, 2]
+    assert [r for r in range(7) if schedule.ends_task(r)] == [2, 4, 6]
+    with pytest.raises(ValueError, match="outside"):
+        schedule.task_of(7)
+
+
+def test_the_task_advances_every_rounds_per_task_rounds(cfg: EdgeKDConfig) -> None:
+    # Execute
+    fed, summary, _ = _run(cfg, "naive")
+
+    # Assert: every node is told task 0 in rounds 1-2 and task 1 in rounds 3-4.
+    told = [
+        (
+            int(m.content.config_records[R.CONFIG][R.ROUND]),
+            int(m.content.config_records[R.CONFIG][R.CL_TASK]),
+        )  # type: ignore[arg-type]
+        for m in fed.grid.sent
+    ]
+    assert sorted(told) == [(1, 0), (1, 0), (2, 0), (2, 0), (3, 1), (3, 1), (4, 1), (4, 1)]
+    assert all(fed.tasks[r, n] == (r - 1) // 2 for r in range(1, 5) for n in NODES)
+    # R has one row per task, scored after rounds 2 and 4; b comes from round 0.
+    assert np.asarray(summary["matrix"]).shape == (2, 2)
+    assert sorted(int(r) for r in summary["accuracy_per_round"]) == [0, 1, 2, 3, 4]
+    assert summary["matrix"][0] == summary["accuracy_per_round"]["2"]
+    assert summary["baseline"] == summary["accuracy_per_round"]["0"]
+
+
+def test_replay_buffer_is_filled_at_the_task_change_and_survives_rounds(
+    cfg: EdgeKDConfig,
+) -> None:
+    # Execute
+    fed, _, _ = _run(cfg, "replay")
+
+    # Assert: empty during task 0; at round 3 each node adds its own task-0 share (after_task
+    # of task 0, run lazily) and the same buffer is still there after round 4.
+    stream = client_stream(cfg)
+    for i, node in enumerate(NODES):
+        assert len(fed.states[1, node]["y"]) == 0 and len(fed.states[2, node]["y"]) == 0
+        share = task_client_split(stream[0], "iid", i, len(NODES), cfg.seed)
+        after = fed.states[3, node]
+        assert int(after["n_seen"]) == len(share)
+        assert len(after["y"]) == min(cfg.continual.buffer_size, len(share))
+        assert set(after["y"].tolist()) <= set(stream[0].classes)
+        later = fed.states[4, node]
+        np.testing.assert_array_equal(later["x"], after["x"])
+        np.testing.assert_array_equal(later["y"], after["y"])
+
+
+def test_ewc_fisher_and_anchor_survive_between_rounds(cfg: EdgeKDConfig) -> None:
+    # Execute
+    fed, _, _ = _run(cfg, "ewc")
+
+    # Assert: no Fisher while task 0 trains; at round 3 a positive Fisher anchored at the
+    # global model the node received (the model at the end of task 0); unchanged in round 4.
+    for node in NODES:
+        assert fed.states[2, node] == {}
+        third, fourth = fed.states[3, node], fed.states[4, node]
+        fisher = [k for k in third if k.startswith("fisher.")]
+        assert fisher and all(np.all(third[k] >= 0) for k in fisher)
+        assert sum(float(third[k].sum()) for k in fisher) > 0
+        for name, value in fed.received[3, node].items():
+            if f"anchor.{name}" in third:
+                np.testing.assert_array_equal(third[f"anchor.{name}"], value)
+        assert third.keys() == fourth.keys()
+        for key in third:
+            np.testing.assert_array_equal(third[key], fourth[key])
+
+
+def test_lwf_snapshot_is_taken_at_the_task_start_and_kept(cfg: EdgeKDConfig) -> None:
+    # Execute
+    fed, _, _ = _run(cfg, "lwf")
+
+    # Assert: task 0 has no snapshot (nothing learned before it); from round 3 on the
+    # snapshot is the model received in round 3, not the newer one of round 4.
+    stream = client_stream(cfg)
+    for node in NODES:
+        assert [k for k in fed.states[2, node] if k.startswith("snapshot.")] == []
+        assert fed.states[2, node]["seen_classes"].tolist() == []
+        for rnd in (3, 4):
+            state = fed.states[rnd, node]
+            assert state["seen_classes"].tolist() == list(stream[0].classes)
+            for name, value in fed.received[3, node].items():
+                np.testing.assert_array_equal(state[f"snapshot.{name}"], value)
+        assert any(
+            not np.array_equal(fed.received[4, node][k], fed.received[3, node][k])
+            for k in fed.received[3, node]
+        )
+
+
+def test_proxy_travels_once_per_node_and_again_after_a_lost_state(cfg: EdgeKDConfig) -> None:
+    # Prepare: node 12 restarts in round 2 and loses everything it held.
+    crash = {(2, NODES[1])}
+
+    # Execute
+    fed, _, _ = _run(cfg, "teacher-kd", crash=crash)
+
+    # Assert
+    with_proxy = [
+        (int(m.content.config_records[R.CONFIG][R.ROUND]), m.metadata.dst_node_id)  # type: ignore[arg-type]
+        for m in fed.grid.sent
+        if R.PROXY in m.content.array_records
+    ]
+    assert sorted(with_proxy) == [(1, NODES[0]), (1, NODES[1]), (3, NODES[1])]
+    assert PROXY_STATE in fed.contexts[NODES[1]].state.array_records
+    assert (4, NODES[1]) in fed.states  # it trained again from its cache in round 4
+
+
+def test_teacher_kd_with_weight_zero_equals_naive_in_the_federation(cfg: EdgeKDConfig) -> None:
+    # Prepare
+    zero = cfg.with_overrides({"continual.weight": 0.0})
+
+    # Execute
+    _, naive, naive_model = _run(zero, "naive")
+    _, kd, kd_model = _run(zero, "teacher-kd")
+
+    # Assert: bit-identical students and accuracy matrices.
+    for a, b in zip(naive_model.state_dict().values(), kd_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert naive["matrix"] == kd["matrix"]
+
+
+def test_strategy_injects_the_task_and_keeps_rejecting_bad_updates(cfg: EdgeKDConfig) -> None:
+    # Prepare: node 11 answers with NaN weights.
+    stream = client_stream(cfg)
+    spec = spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width)
+    torch.manual_seed(0)
+    reference = {k: v.numpy().copy() for k, v in build_model(spec).state_dict().items()}
+    fed = Federation(cfg)
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        out = fed.reply(node, msg)
+        if out is not None and node == NODES[0]:
+            bad = {k: np.full_like(v, np.nan) for k, v in reference.items()}
+            out = RecordDict({R.ARRAYS: state_to_record(bad), R.METRICS: out[R.METRICS]})
+        return out
+
+    fed.grid.reply = reply
+    strategy = ContinualStrategy(
+        schedule=TaskSchedule(2, 1),
+        method="naive",
+        run_tag="t",
+        reference_state=reference,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+    )
+
+    # Execute
+    result = strategy.start(
+        fed.grid,
+        state_to_record(reference),
+        num_rounds=2,
+        train_config=continual_train_config(cfg),
+    )
+
+    # Assert
+    assert [strategy.ledger[r].rejected for r in (1, 2)] == [1, 1]
+    final = record_to_state(result.arrays)
+    assert all(np.all(np.isfinite(v)) for v in final.values())
+    assert [fed.tasks[r, NODES[1]] for r in (1, 2)] == [0, 1]
