@@ -20,7 +20,7 @@ and `CompressionSchedule` carries it out on the server:
   global student, and ships the masks as packed bits; clients keep masked weights at
   exactly zero (`edgekd.common.pruning.GradientMask`), so their average is zero there
   too. Movement pruning scores ``|W − W0|`` against the global student entering round
-  ``start``;
+  1; nothing has moved before round 1's training, so its first masks come a round later;
 * **quantization**: from round ``end`` on clients train with fake-quantized weights
   (INT8 per-channel QAT, or ternary with the STE), and student values travel as INT8
   with per-channel scales in both directions whenever a quantizer is set.
@@ -105,17 +105,25 @@ class Pruner:
         self.schedule = schedule
         self.masks: dict[str, torch.Tensor] = {}
         self.initial: dict[str, torch.Tensor] | None = None  # W0 for movement pruning
+        self._initial_round = 0
 
     @torch.no_grad()
     def step(self, server_round: int, model: nn.Module) -> Masks:
         """Update the masks for ``server_round``, zero ``model`` under them, and return
         them (numpy, ``True`` = kept); empty while the schedule has not started."""
         s = self.schedule
-        if not s.unstructured or server_round < s.start_round:
+        if not s.unstructured:
             return {}
         weights = prunable_parameters(model)
-        if self.initial is None:
+        if self.initial is None:  # W0: the global student entering the first round
             self.initial = {k: w.detach().clone() for k, w in weights.items()}
+            self._initial_round = server_round
+        if server_round < s.start_round:
+            return {}
+        if s.prune_method == "movement" and server_round <= self._initial_round:
+            # Nothing has moved yet: every score |W − W0| is 0 and the ranking would be
+            # the tie order, pruning whole layers. Movement pruning starts a round later.
+            return {}
         target = s.sparsity_for(server_round)
         previous = self.masks or None
         # LAMP-normalised global ranking: plain global ranking empties the head.

@@ -11,7 +11,13 @@ imports flwr:
   replay behind one protocol, with numpy-only state for Flower's ``context.state``;
 * `edgekd.continual.learner` (torch): one task's local training, stream evaluation and a
   sequential (non-federated) runner;
-* `edgekd.continual.metrics` (numpy): average accuracy, forgetting, BWT and FWT.
+* `edgekd.continual.metrics` (numpy): average accuracy, forgetting, BWT and FWT;
+* `edgekd.continual.scenario` (numpy): the clients' stream and the server's separate draw
+  of every task, built from the run's config;
+* `edgekd.continual.plots` (matplotlib): the accuracy-matrix heatmap and per-task curves.
+
+The Flower side is `edgekd.server.continual` (strategy, per-round scoring, report) and
+`edgekd.client.continual_client` (the node's handler and its ``context.state``).
 
 Only the numpy parts are re-exported here, so ``import edgekd.continual`` works on a device
 without torch; import the torch parts from their modules.

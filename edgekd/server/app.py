@@ -356,7 +356,8 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             ),
         },
         "rounds": rounds,
-        "communication": communication(rounds, count_params(student), count_params(teacher)),
+        # Against the student as it started: filter pruning and low-rank shrink it.
+        "communication": communication(rounds, count_params(init), count_params(teacher)),
     }
     baseline_rounds = None
     if cfg.baseline:

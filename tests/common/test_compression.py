@@ -80,6 +80,8 @@ def test_pruner_never_unprunes_and_zeroes_the_model(method: str) -> None:
             for w in prunable_parameters(model).values():
                 w.add_(0.05 * torch.randn_like(w))
         masks = pruner.step(server_round, model)
+        if not masks:  # movement: nothing has moved before round 1
+            continue
         for name, w in prunable_parameters(model).items():
             assert torch.all(w[~torch.from_numpy(masks[name])] == 0)
         history.append(masks)
@@ -142,3 +144,20 @@ def test_finalize_ternarizes_and_keeps_masks() -> None:
     for w in prunable_parameters(model).values():
         assert len(torch.unique(w.detach())) <= 3
     assert torch.all(model.head.weight.detach()[~torch.from_numpy(masks["head.weight"])] == 0)
+
+
+def test_movement_pruning_waits_until_the_weights_have_moved() -> None:
+    # Prepare: schedule from round 1; in round 1 nothing has moved since W0
+    schedule = CompressionSchedule(prune_method="movement", prune_amount=0.8, end_round=3)
+    pruner, model = Pruner(schedule), _model()
+
+    # Execute
+    first = pruner.step(1, model)
+    with torch.no_grad():
+        for w in prunable_parameters(model).values():
+            w.add_(0.01 * torch.randn_like(w))
+    second = pruner.step(2, model)
+
+    # Assert: no masks from all-zero scores, then every layer keeps some weights
+    assert first == {}
+    assert second and all(m.any() for m in second.values())
