@@ -184,8 +184,9 @@ def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
     the same stream, teacher and initial student), ending with a comparison table."""
     continual_preflight(cfg)
 
-    from edgekd.client.continual_client import make_continual_client_app
-    from edgekd.server.continual import make_continual_server_app
+    # The ordinary apps hand a run with continual.scenario to the continual handlers.
+    from edgekd.client.app import make_client_app
+    from edgekd.server.app import make_server_app
 
     _quiet_flower(args.verbose)
     cl = cfg.continual
@@ -196,8 +197,8 @@ def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
         flush=True,
     )
     report_path = _run_simulation(
-        make_continual_server_app(cfg),
-        make_continual_client_app(cfg),
+        make_server_app(cfg),
+        make_client_app(cfg),
         cfg,
         args.num_clients,
         args.verbose,

@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
-from edgekd.client.codec_mod import payload_codec_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.specs import spec_for
@@ -237,24 +235,3 @@ def _scalar(record: Mapping[str, Any], key: str, default: Any = None) -> Any:
     if value is None or isinstance(value, (list, bytes)):
         raise ValueError(f"config key '{key}' is missing or not a scalar")
     return value
-
-
-def make_continual_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
-    """A continual ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
-    client_app = ClientApp(mods=[payload_codec_mod])
-
-    def config_of(context: Context) -> EdgeKDConfig:
-        return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
-
-    @client_app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_continual_train(config_of(context), msg, context)
-
-    @client_app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return handle_warm_up(config_of(context), msg, context)
-
-    return client_app
-
-
-app = make_continual_client_app()

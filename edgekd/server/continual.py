@@ -39,13 +39,12 @@ import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from torch import nn
 
 from edgekd import __version__
@@ -70,7 +69,6 @@ __all__ = [
     "ContinualStrategy",
     "StreamTracker",
     "TaskSchedule",
-    "make_continual_server_app",
     "run_continual",
 ]
 
@@ -507,21 +505,3 @@ def _student(
 def _metric(record: MetricRecord | None, key: str) -> float | None:
     value = record.get(key) if record is not None else None
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def make_continual_server_app(
-    cfg: EdgeKDConfig | None = None, show_progress: bool = True
-) -> ServerApp:
-    """A continual ServerApp bound to ``cfg``; with None it reads the run's ``run_config``."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
-        out = run_continual(grid, run_cfg, show_progress=show_progress)
-        log.info("edgekd: continual report written to %s", out / "report.json")
-
-    return server_app
-
-
-app = make_continual_server_app()
