@@ -1,4 +1,5 @@
-"""The continual-learning ClientApp: each round, one local pass on the node's share of the
+"""The continual-learning handlers of the edgekd ClientApp (`edgekd.client.app` calls them
+when ``continual.scenario`` is set): each round, one local pass on the node's share of the
 current task, with the anti-forgetting method's state kept on the node.
 
 The server (`edgekd.server.continual`) says which task a round belongs to (``continual.task``)

@@ -1,6 +1,7 @@
-"""The continual ServerApp: a federation that moves through a stream of tasks.
+"""The continual server side: a federation that moves through a stream of tasks.
 
-`run_continual` is the server side of a continual run (``continual.scenario`` set):
+`run_continual` is the server side of a continual run; the edgekd ServerApp
+(`edgekd.server.app`) calls it when ``continual.scenario`` is set:
 
 1. **Streams**: the clients' stream and the server's own disjoint draw of every task, both
    rebuilt from the config (`edgekd.continual.scenario`); nothing travels but models.
