@@ -149,12 +149,16 @@ def head_features(
     whatever ``forward`` feeds the head, here ``flatten(features(x), 1)``, without
     re-implementing ``forward``.
 
+    A low-rank factorized head (``Sequential`` of Linears with nothing between them) is
+    one linear map, ``W = W₂W₁``, ``b = W₂b₁ + b₂``, and is certified as such.
+
     Returns:
         ``(features [N, D], W [K, D], b [K])``.
     """
     head = getattr(model, "head", None)
-    if not isinstance(head, nn.Linear):
+    if not isinstance(head, nn.Module):
         raise ValueError(f"{type(model).__name__} has no linear `head` to certify")
+    weight, bias = _linear_map(head, type(model).__name__)
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
     captured: list[Tensor] = []
 
@@ -169,14 +173,27 @@ def head_features(
                 model(xt[start : start + _BATCH])
     finally:
         handle.remove()
-    features = torch.cat(captured).double().numpy() if captured else np.zeros((0, head.in_features))
-    weight = head.weight.detach().double().numpy()
-    bias = (
-        head.bias.detach().double().numpy()
-        if head.bias is not None
-        else np.zeros(head.out_features, dtype=np.float64)
-    )
+    features = torch.cat(captured).double().numpy() if captured else np.zeros((0, weight.shape[1]))
     return features, weight, bias
+
+
+def _linear_map(head: nn.Module, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` of a Linear, or of a Sequential of Linears composed into one map."""
+    modules = list(head) if isinstance(head, nn.Sequential) else [head]
+    layers = [m for m in modules if isinstance(m, nn.Linear)]
+    if not layers or len(layers) != len(modules):
+        raise ValueError(f"{model_name} has no linear `head` to certify")
+    weight = np.eye(layers[0].in_features)
+    bias = np.zeros(layers[0].in_features)
+    for layer in layers:
+        w = layer.weight.detach().double().numpy()
+        b = (
+            layer.bias.detach().double().numpy()
+            if layer.bias is not None
+            else np.zeros(layer.out_features)
+        )
+        weight, bias = w @ weight, w @ bias + b
+    return weight, bias
 
 
 def parameterised_layers(model: nn.Module) -> list[str]:

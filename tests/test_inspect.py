@@ -355,3 +355,19 @@ def test_layer_sensitivity_finds_the_damaged_layer() -> None:
     assert float(rows[0]["delta"]) < -0.5
     assert rows[1]["delta"] == 0.0
     assert layer_sensitivity(reference, None, x, y, 0.01) == []
+
+
+def test_a_factorized_head_is_certified_as_one_linear_map() -> None:
+    # Prepare: the low-rank recipe splits the head into two Linears
+    from edgekd.common.lowrank import factorize_model
+
+    torch.manual_seed(4)
+    model, _ = factorize_model(build_model(spec_for((1, 40), 10, width=4)), rank=3)
+    x = torch.randn(20, 1, 40).numpy()
+
+    # Execute
+    f, W, b = head_features(model, x)
+
+    # Assert
+    assert isinstance(model.head, nn.Sequential)
+    np.testing.assert_allclose(f @ W.T + b, predict_logits(model, x), atol=1e-5)
