@@ -64,6 +64,7 @@ class TrainConfig:
     min_nodes: int = 2
     warm_start_epochs: int = 60  # server-side KD on the public split before round 1
     round_timeout: float = 600.0  # never wait without bound for a reply
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean:<beta>: robust to poisoning
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class EdgeKDConfig:
         _check(0.0 <= t.fraction_evaluate <= 1.0, "train.fraction-evaluate must be in [0, 1]")
         _check(t.min_nodes >= 1, "train.min-nodes must be >= 1")
         _check(t.round_timeout > 0, "train.round-timeout must be > 0")
+        parse_aggregation(t.aggregation)
         _check(k.temperature > 0, "kd.temperature must be > 0")
         _check(0.0 <= k.alpha <= 1.0, "kd.alpha must be in [0, 1]")
         _check(k.max_class_weight >= 1.0, "kd.max-class-weight must be >= 1")
@@ -274,6 +276,20 @@ def parse_partition(spec: str) -> tuple[str, float]:
     raise ConfigError(
         f"data.partition: unknown partition '{spec}' "
         "(use iid, dirichlet:<alpha> or pathological:<classes-per-client>)"
+    )
+
+
+def parse_aggregation(spec: str) -> tuple[str, float]:
+    """``fedavg``, ``median`` (coordinate-wise, Yin et al. 2018) or ``trimmed-mean:<beta>``
+    (drop the beta share of largest and of smallest values per coordinate, beta < 0.5)."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("fedavg", "median") and not arg:
+        return kind, 0.0
+    if kind == "trimmed-mean" and 0.0 <= _number(arg) < 0.5:
+        return kind, _number(arg)
+    raise ConfigError(
+        f"train.aggregation: cannot read '{spec}' (use fedavg, median or trimmed-mean:<beta>, "
+        "beta in [0, 0.5))"
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from torch import nn
 
 from edgekd import __version__
@@ -32,7 +33,7 @@ from edgekd.common.compression import (
     keep_pruned_at_zero,
     structural_compress,
 )
-from edgekd.common.config import EdgeKDConfig
+from edgekd.common.config import EdgeKDConfig, parse_aggregation
 from edgekd.common.data import FederatedData, load_federated_data
 from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
 from edgekd.common.pruning import sparsity_of
@@ -184,6 +185,7 @@ def run_federation(
             upload=cfg.compression.upload if mode == "kd" else "fp32",
             quantizer_for=schedule.qat_for,
         ),
+        aggregator=robust_aggregator(t.aggregation),
         node_wait=t.round_timeout,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
@@ -227,6 +229,16 @@ def run_federation(
         )
     final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
     return final, rounds, pruner.numpy_masks()
+
+
+def robust_aggregator(spec: str) -> FedAvg | None:
+    """Flower's FedMedian or FedTrimmedAvg for ``train.aggregation``; None for FedAvg."""
+    kind, beta = parse_aggregation(spec)
+    if kind == "median":
+        return FedMedian()
+    if kind == "trimmed-mean":
+        return FedTrimmedAvg(beta=beta)
+    return None
 
 
 def _round_sparsity(strategy: EdgeKDStrategy, server_round: int) -> float:

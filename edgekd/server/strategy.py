@@ -9,7 +9,8 @@ pattern):
 * both ``configure_*`` hooks wait a bounded time for nodes (Flower's sampler waits
   forever) and go on with the nodes that came;
 * ``aggregate_train`` rejects replies that fail validation (NaN/Inf, wrong names,
-  shapes or dtypes) with a logged reason, lets FedAvg average the rest, applies an
+  shapes or dtypes) with a logged reason, lets FedAvg (or a robust Flower strategy
+  passed as ``aggregator``: FedMedian, FedTrimmedAvg) average the rest, applies an
   optional server-side step (FedDF-style distillation), and counts upload bytes.
 """
 
@@ -108,6 +109,7 @@ class EdgeKDStrategy(FedAvg):
         post_aggregate: PostAggregate | None = None,
         prepare_round: PrepareRound | None = None,
         wire: WireFormat | None = None,
+        aggregator: FedAvg | None = None,
         node_wait: float = 600.0,
         **fedavg_kwargs: object,
     ) -> None:
@@ -119,6 +121,9 @@ class EdgeKDStrategy(FedAvg):
         self.post_aggregate = post_aggregate
         self.prepare_round = prepare_round
         self.wire = wire or WireFormat()
+        # The averaging itself, after validation and decoding: FedAvg's weighted mean
+        # (None), or a robust Flower strategy such as FedMedian or FedTrimmedAvg.
+        self.aggregator = aggregator
         self.ledger: dict[int, RoundLedger] = {}
         self._nodes_with_teacher: set[int] = set()
         self._node_masks: dict[int, str] = {}  # node -> mask version it holds
@@ -285,7 +290,10 @@ class EdgeKDStrategy(FedAvg):
                 self._node_masks[node] = wire.version
             msg.content = RecordDict({**dict(msg.content.items()), self.arrayrecord_key: decoded})
             accepted.append(msg)
-        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if self.aggregator is not None:
+            arrays, metrics = self.aggregator.aggregate_train(server_round, accepted)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             self.reference_state = record_to_state(arrays)
         if arrays is not None and self.post_aggregate is not None:

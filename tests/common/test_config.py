@@ -74,3 +74,23 @@ def test_parse_partition(spec: str, expected: tuple[str, float]) -> None:
 def test_parse_partition_rejects(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_partition(spec)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("fedavg", ("fedavg", 0.0)),
+        ("median", ("median", 0.0)),
+        ("trimmed-mean:0.1", ("trimmed-mean", 0.1)),
+    ],
+)
+def test_parse_aggregation(spec: str, expected: tuple[str, float]) -> None:
+    from edgekd.common.config import parse_aggregation
+
+    assert parse_aggregation(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["mean", "trimmed-mean:0.5", "median:2", "trimmed-mean:x"])
+def test_bad_aggregation_names_the_key(spec: str) -> None:
+    with pytest.raises(ConfigError, match="train.aggregation"):
+        EdgeKDConfig().with_overrides({"train.aggregation": spec})

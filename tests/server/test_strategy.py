@@ -280,3 +280,34 @@ def test_updates_smaller_than_an_int8_step_still_accumulate() -> None:
     # Assert: the FP32 master moved 6 × 0.001 (rounding each round would leave it still)
     moved = record_to_state(result.arrays)["w"] - BIG["w"]
     np.testing.assert_allclose(moved, 0.006, atol=0.001)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "median", "trimmed-mean:0.2"])
+def test_robust_aggregation_resists_a_scaled_update_and_nan_is_always_rejected(
+    aggregation: str,
+) -> None:
+    # Prepare: four honest nodes near 1.0, one sending its update scaled by 1e6, one NaN
+    from edgekd.server.app import robust_aggregator
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        if node == 5:
+            return _update(1e6)
+        if node == 6:
+            return _update(float("nan"))
+        return _update(0.9 + 0.05 * node)
+
+    strategy = _strategy(aggregator=robust_aggregator(aggregation))
+    grid = FakeGrid([1, 2, 3, 4, 5, 6], reply)
+
+    # Execute
+    result = strategy.start(
+        grid, state_to_record(REFERENCE), num_rounds=1, train_config=ConfigRecord()
+    )
+
+    # Assert
+    assert strategy.ledger[1].rejected == 1  # the NaN node, whatever the aggregation
+    w = record_to_state(result.arrays)["w"]
+    if aggregation == "fedavg":
+        assert np.all(w > 1e5)  # one poisoned update dominates the mean
+    else:
+        np.testing.assert_allclose(w, 1.05, atol=0.06)
