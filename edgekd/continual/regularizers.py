@@ -165,10 +165,7 @@ class TeacherKD(ContinualRegularizer):
             seed: Seeds the proxy batch draws (a generator of its own, so the training
                 loop's batch order is the same with and without a proxy).
         """
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_kd_args(weight, temperature)
         self.weight = weight
         self.temperature = temperature
         self._generator = torch.Generator().manual_seed(seed)
@@ -221,10 +218,7 @@ class LwF(ContinualRegularizer):
     name = "lwf"
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0) -> None:
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_kd_args(weight, temperature)
         self.weight = weight
         self.temperature = temperature
         self._seen: list[int] = []
@@ -457,6 +451,13 @@ REGULARIZERS: dict[str, type[ContinualRegularizer]] = {
     "ewc": EWC,
     "replay": Replay,
 }
+
+
+def _check_kd_args(weight: float, temperature: float) -> None:
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def make_regularizer(name: str, **kwargs: Any) -> ContinualRegularizer:

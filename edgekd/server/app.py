@@ -48,7 +48,13 @@ from edgekd.report import (
     write_plots,
     write_rounds,
 )
-from edgekd.server.strategy import EdgeKDStrategy, Masks, WireFormat
+from edgekd.server.strategy import (
+    EdgeKDStrategy,
+    Masks,
+    RoundLedger,
+    WireFormat,
+    metric_value,
+)
 from edgekd.server.teacher import distill_on_public, obtain_teacher, public_soft_targets
 
 log = logging.getLogger("edgekd")
@@ -215,16 +221,10 @@ def run_federation(
             {
                 "round": rnd,
                 **tracker.results.get(rnd, {}),
-                "bytes_down": ledger.bytes_down if ledger else 0,
-                "bytes_up": ledger.bytes_up if ledger else 0,
-                "messages": ledger.messages if ledger else 0,
-                "eval_messages": ledger.eval_messages if ledger else 0,
+                **(ledger or RoundLedger()).counters(),
                 "sparsity": _round_sparsity(strategy, rnd),
-                "replies": ledger.replies if ledger else 0,
-                "failures": ledger.failures if ledger else 0,
-                "rejected": ledger.rejected if ledger else 0,
-                "train_loss": _metric(train_metrics, R.TRAIN_LOSS),
-                "federated_accuracy": _metric(fed_eval, R.ACCURACY),
+                "train_loss": metric_value(train_metrics, R.TRAIN_LOSS),
+                "federated_accuracy": metric_value(fed_eval, R.ACCURACY),
             }
         )
     final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
@@ -243,11 +243,6 @@ def robust_aggregator(spec: str) -> FedAvg | None:
 
 def _round_sparsity(strategy: EdgeKDStrategy, server_round: int) -> float:
     return sparsity_of(strategy.masks_for_round(server_round))
-
-
-def _metric(record: MetricRecord | None, key: str) -> float | None:
-    value = record.get(key) if record is not None else None
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:

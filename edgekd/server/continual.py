@@ -50,6 +50,7 @@ from torch import nn
 
 from edgekd import __version__
 from edgekd.common import records as R
+from edgekd.common.compression import load_for_state
 from edgekd.common.config import CONTINUAL_METHODS, EdgeKDConfig
 from edgekd.common.data import ArrayDataset, FederatedData
 from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
@@ -61,7 +62,7 @@ from edgekd.continual.scenario import client_stream, proxy_digest, server_stream
 from edgekd.continual.streams import TaskStream
 from edgekd.payload import record_nbytes, record_to_state, state_to_record
 from edgekd.report import write_json_atomic, write_rounds
-from edgekd.server.strategy import EdgeKDStrategy
+from edgekd.server.strategy import EdgeKDStrategy, RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
 
 log = logging.getLogger("edgekd")
@@ -324,17 +325,12 @@ def run_method(
             {
                 "round": rnd,
                 "task": schedule.task_of(rnd) if rnd > 0 else None,
-                "accuracy": _metric(result.evaluate_metrics_serverapp.get(rnd), R.ACCURACY),
+                "accuracy": metric_value(result.evaluate_metrics_serverapp.get(rnd), R.ACCURACY),
                 "task_accuracy": acc.tolist() if acc is not None else None,
                 "seconds": tracker.seconds.get(rnd),
-                "bytes_down": ledger.bytes_down if ledger else 0,
-                "bytes_up": ledger.bytes_up if ledger else 0,
-                "messages": ledger.messages if ledger else 0,
-                "replies": ledger.replies if ledger else 0,
-                "failures": ledger.failures if ledger else 0,
-                "rejected": ledger.rejected if ledger else 0,
-                "train_loss": _metric(metrics, R.TRAIN_LOSS),
-                "penalty": _metric(metrics, R.PENALTY),
+                **(ledger or RoundLedger()).counters(),
+                "train_loss": metric_value(metrics, R.TRAIN_LOSS),
+                "penalty": metric_value(metrics, R.PENALTY),
             }
         )
     final = _student(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
@@ -498,11 +494,4 @@ def _state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
 def _student(
     spec: ModelSpec, state: dict[str, np.ndarray] | OrderedDict[str, np.ndarray]
 ) -> nn.Module:
-    model = build_model(spec)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    return model.eval()
-
-
-def _metric(record: MetricRecord | None, key: str) -> float | None:
-    value = record.get(key) if record is not None else None
-    return float(value) if isinstance(value, (int, float)) else None
+    return load_for_state(spec, state).eval()

@@ -85,6 +85,16 @@ class RoundLedger:
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
 
+    def counters(self) -> dict[str, int]:
+        """The numbers of a round record (``rounds.jsonl``), without the reasons."""
+        return {k: v for k, v in vars(self).items() if k != "reasons"}
+
+
+def metric_value(record: MetricRecord | None, key: str) -> float | None:
+    """A numeric metric from an aggregated MetricRecord, or None."""
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, (int, float)) else None
+
 
 def masks_version(masks: Masks) -> str:
     """A short content hash of the masks, so nodes can cache them between rounds."""
