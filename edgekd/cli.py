@@ -98,12 +98,15 @@ def preflight(cfg: EdgeKDConfig) -> None:
         data = load_federated_data(cfg.data, cfg.seed)
     except DataFileError as exc:
         raise UsageError(str(exc)) from None
-    if cfg.model.teacher_path:
-        expected = spec_for(data.input_shape, data.num_classes, cfg.model.teacher_width)
-        try:
-            load_checkpoint(cfg.model.teacher_path, expected=expected)
-        except CheckpointError as exc:
-            raise UsageError(str(exc)) from None
+    for path, width in (
+        (cfg.model.teacher_path, cfg.model.teacher_width),
+        (cfg.model.student_path, cfg.model.student_width),
+    ):
+        if path:
+            try:
+                load_checkpoint(path, expected=spec_for(data.input_shape, data.num_classes, width))
+            except CheckpointError as exc:
+                raise UsageError(str(exc)) from None
 
 
 def continual_preflight(cfg: EdgeKDConfig) -> None:

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
+from edgekd.client.faults import fault_injection_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
@@ -132,7 +133,9 @@ def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Messag
 
 def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
-    client_app = ClientApp(mods=[payload_codec_mod])
+    # The codec is outermost: the fault drill (inert unless the node config asks for
+    # it) sees plain arrays.
+    client_app = ClientApp(mods=[payload_codec_mod, fault_injection_mod])
 
     def config_of(context: Context) -> EdgeKDConfig:
         return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)

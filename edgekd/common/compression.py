@@ -139,6 +139,28 @@ class Pruner:
     def numpy_masks(self) -> Masks:
         return {k: m.cpu().numpy().astype(bool) for k, m in self.masks.items()}
 
+    def state_dict(self) -> tuple[dict[str, np.ndarray], int]:
+        """Masks (``mask/<name>``) and W0 (``initial/<name>``) as numpy, and W0's round:
+        what a resumed server needs to go on pruning where it stopped."""
+        out = {f"mask/{k}": v for k, v in self.numpy_masks().items()}
+        for k, w in (self.initial or {}).items():
+            out[f"initial/{k}"] = w.cpu().numpy()
+        return out, self._initial_round
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], initial_round: int) -> None:
+        self.masks = {
+            k[len("mask/") :]: torch.from_numpy(np.asarray(v, dtype=bool))
+            for k, v in state.items()
+            if k.startswith("mask/")
+        }
+        initial = {
+            k[len("initial/") :]: torch.from_numpy(np.array(v))
+            for k, v in state.items()
+            if k.startswith("initial/")
+        }
+        self.initial = initial or None
+        self._initial_round = initial_round
+
     @property
     def sparsity(self) -> float:
         return sparsity_of(self.masks)

@@ -47,6 +47,9 @@ class ModelConfig:
     teacher_width: int = 64  # ~31k params: 0.95 on the server domain from 6k samples
     student_width: int = 16  # ~3.3k params, about 1/10 of the teacher
     teacher_path: str = ""  # load a trained teacher instead of training one
+    # Start the federation from this student (e.g. the one in deployed bundles, whose
+    # frozen feature extractor edge nodes keep) instead of a warm-started one.
+    student_path: str = ""
     teacher_epochs: int = 40  # Adam + cosine schedule; converged on mnist1d by ~30
     teacher_lr: float = 3e-3
 
@@ -64,6 +67,10 @@ class TrainConfig:
     min_nodes: int = 2
     warm_start_epochs: int = 60  # server-side KD on the public split before round 1
     round_timeout: float = 600.0  # never wait without bound for a reply
+    # A round aggregates only if at least this fraction of the nodes it asked sent a valid
+    # update; otherwise the global student stays as it was (one node is never enough
+    # evidence to overwrite twenty's work).
+    min_fraction: float = 0.5
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean:<beta>: robust to poisoning
 
 
@@ -121,6 +128,7 @@ class EdgeKDConfig:
     seed: int = 42
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
+    resume: bool = False  # continue the run in out-dir from its last checkpoint
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -178,6 +186,8 @@ class EdgeKDConfig:
         _check(0.0 <= t.fraction_evaluate <= 1.0, "train.fraction-evaluate must be in [0, 1]")
         _check(t.min_nodes >= 1, "train.min-nodes must be >= 1")
         _check(t.round_timeout > 0, "train.round-timeout must be > 0")
+        _check(0.0 <= t.min_fraction <= 1.0, "train.min-fraction must be in [0, 1]")
+        _check(not self.resume or bool(self.out_dir), "resume needs out-dir: the run to continue")
         parse_aggregation(t.aggregation)
         _check(k.temperature > 0, "kd.temperature must be > 0")
         _check(0.0 <= k.alpha <= 1.0, "kd.alpha must be in [0, 1]")

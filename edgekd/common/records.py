@@ -60,3 +60,4 @@ PENALTY = "penalty"  # continual: the anti-forgetting term of the last local epo
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_BATCH_SIZE = "batch-size"  # a device whose memory forces a smaller batch
+FAULT = "fault"  # fault drills: "scale:<k>" or "nan" corrupts this node's updates on purpose

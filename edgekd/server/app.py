@@ -11,6 +11,7 @@ import copy
 import logging
 import lzma
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
 from torch import nn
 
 from edgekd import __version__
@@ -31,11 +32,19 @@ from edgekd.common.compression import (
     Pruner,
     finalize,
     keep_pruned_at_zero,
+    load_for_state,
     structural_compress,
 )
 from edgekd.common.config import EdgeKDConfig, parse_aggregation
 from edgekd.common.data import FederatedData, load_federated_data
-from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
+from edgekd.common.models import (
+    ModelSpec,
+    build_model,
+    count_params,
+    load_checkpoint,
+    save_checkpoint,
+    spec_for,
+)
 from edgekd.common.pruning import sparsity_of
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
@@ -47,6 +56,16 @@ from edgekd.report import (
     write_json_atomic,
     write_plots,
     write_rounds,
+)
+from edgekd.server.checkpoint import (
+    ResumeError,
+    RunCheckpoint,
+    capture_rng,
+    check_resumable,
+    load_run_checkpoint,
+    restore_rng,
+    save_run_checkpoint,
+    state_sha256,
 )
 from edgekd.server.strategy import (
     EdgeKDStrategy,
@@ -133,16 +152,23 @@ def run_federation(
     label: str,
     show_progress: bool,
     schedule: CompressionSchedule | None = None,
+    checkpoint: CheckpointPlan | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student,
     the per-round records and the final pruning masks. ``mode="ce"`` is plain FedAvg
     with no teacher; ``public_probs`` are the teacher's soft targets on the public
     split, for the FedDF-style step; ``schedule`` the compression recipe (None: off).
-    ``teacher_onnx`` is the teacher as shipped to on-device nodes (xz-compressed)."""
+    ``teacher_onnx`` is the teacher as shipped to on-device nodes (xz-compressed).
+    ``checkpoint`` says where to write a checkpoint after every round and, when
+    resuming, the checkpoint to go on from (``initial`` is then its student)."""
     t, k = cfg.train, cfg.kd
     reference = model_state(initial)
     schedule = schedule or CompressionSchedule()
     pruner = Pruner(schedule)
+    resumed = checkpoint.resume_from if checkpoint is not None else None
+    if resumed is not None:
+        pruner.load_state_dict(resumed.pruner, resumed.pruner_initial_round)
+        restore_rng(resumed.rng)
     teacher_record = proxy_record = None
     if mode == "kd" and k.soft_targets == "on-device":
         blob = np.frombuffer(lzma.compress(teacher_onnx, preset=9), dtype=np.uint8)
@@ -193,13 +219,50 @@ def run_federation(
         ),
         aggregator=robust_aggregator(t.aggregation),
         node_wait=t.round_timeout,
+        min_fraction=t.min_fraction,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
         min_train_nodes=t.min_nodes,
         min_evaluate_nodes=min(t.min_nodes, 2) if t.fraction_evaluate > 0 else 0,
         min_available_nodes=t.min_nodes,
     )
-    tracker = RoundTracker(spec, data, t.num_rounds, label, show_progress)
+    first_round = resumed.round + 1 if resumed is not None else 1
+    rounds: list[dict[str, Any]] = list(resumed.rounds) if resumed is not None else []
+    tracker = RoundTracker(spec, data, t.num_rounds - first_round + 1, label, show_progress)
+
+    def round_record(rnd: int, result: Result) -> dict[str, Any]:
+        return {
+            "round": rnd,
+            **tracker.results.get(rnd, {}),
+            **strategy.ledger.get(rnd, RoundLedger()).counters(),
+            "sparsity": _round_sparsity(strategy, rnd),
+            "train_loss": metric_value(result.train_metrics_clientapp.get(rnd), R.TRAIN_LOSS),
+            "federated_accuracy": metric_value(
+                result.evaluate_metrics_clientapp.get(rnd), R.ACCURACY
+            ),
+        }
+
+    def on_round_end(rnd: int, arrays: ArrayRecord, result: Result) -> None:
+        if not rounds:
+            rounds.append(round_record(0, result))
+        rounds.append(round_record(rnd, result))
+        if checkpoint is not None:
+            pruner_state, initial_round = pruner.state_dict()
+            save_run_checkpoint(
+                checkpoint.out_dir,
+                RunCheckpoint(
+                    round=rnd,
+                    state=record_to_state(arrays),
+                    rounds=rounds,
+                    teacher_sha256=checkpoint.teacher_sha256,
+                    config=cfg.to_flat(),
+                    pruner=pruner_state,
+                    pruner_initial_round=initial_round,
+                    rng=capture_rng(),
+                    extra=checkpoint.extra,
+                ),
+            )
+
     try:
         result = strategy.start(
             grid=grid,
@@ -209,26 +272,23 @@ def run_federation(
             train_config=_train_config(cfg, mode, sha256_hex(teacher_onnx)),
             evaluate_config=ConfigRecord({R.MODE: mode}),
             evaluate_fn=tracker,
+            first_round=first_round,
+            on_round_end=on_round_end,
         )
     finally:
         tracker.close()
-    rounds = []
-    for rnd in range(0, t.num_rounds + 1):
-        ledger = strategy.ledger.get(rnd)
-        train_metrics = result.train_metrics_clientapp.get(rnd)
-        fed_eval = result.evaluate_metrics_clientapp.get(rnd)
-        rounds.append(
-            {
-                "round": rnd,
-                **tracker.results.get(rnd, {}),
-                **(ledger or RoundLedger()).counters(),
-                "sparsity": _round_sparsity(strategy, rnd),
-                "train_loss": metric_value(train_metrics, R.TRAIN_LOSS),
-                "federated_accuracy": metric_value(fed_eval, R.ACCURACY),
-            }
-        )
     final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
     return final, rounds, pruner.numpy_masks()
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where `run_federation` writes its per-round checkpoint, and what it resumes."""
+
+    out_dir: Path
+    teacher_sha256: str
+    resume_from: RunCheckpoint | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # saved as is (e.g. the structure)
 
 
 def robust_aggregator(spec: str) -> FedAvg | None:
@@ -267,7 +327,22 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         else f"teacher: training on {len(data.public)} public samples "
         f"({cfg.model.teacher_epochs} epochs)"
     )
-    teacher = obtain_teacher(cfg, data, teacher_spec)
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_run_checkpoint(out_dir)
+        check_resumable(resume_from, cfg.to_flat(), out_dir)
+        say(f"resuming {out_dir} after round {resume_from.round}")
+        teacher, _ = load_checkpoint(str(out_dir / "teacher.pt"), expected=teacher_spec)
+    else:
+        teacher = obtain_teacher(cfg, data, teacher_spec)
+        # Saved now, not at the end: a resumed run must distil from this very teacher.
+        save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
+    teacher_sha256 = state_sha256(model_state(teacher))
+    if resume_from is not None and resume_from.teacher_sha256 != teacher_sha256:
+        raise ResumeError(
+            f"{out_dir / 'teacher.pt'} is not the teacher the checkpoint was made with "
+            f"(sha256 {teacher_sha256[:12]}, checkpoint says {resume_from.teacher_sha256[:12]})"
+        )
     teacher_onnx = export_onnx_bytes(teacher, data.input_shape)
     if cfg.compression.teacher == "int8":  # what on-device nodes get; the server keeps FP32
         teacher_onnx = quantize_onnx_int8(teacher_onnx, data.public.x[: cfg.kd.proxy_size])
@@ -284,7 +359,14 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         f"teacher: {report_accuracy(teacher_server, data.server_test.y):.4f} on server-domain "
         f"test, {report_accuracy(teacher_test, data.test.y):.4f} on the devices' test split"
     )
-    if cfg.train.warm_start_epochs > 0:
+    structure: dict[str, Any] = {}
+    if resume_from is not None:  # the checkpoint's student, already warm and reshaped
+        warm = load_for_state(student_spec, resume_from.state)
+        structure = dict(resume_from.extra.get("structure", {}))
+    elif cfg.model.student_path:
+        say(f"student: loading {cfg.model.student_path}")
+        warm, _ = load_checkpoint(cfg.model.student_path, expected=student_spec)
+    elif cfg.train.warm_start_epochs > 0:
         say(f"student: warm start, {cfg.train.warm_start_epochs} epochs of server-side KD")
         distill_on_public(
             warm,
@@ -295,8 +377,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             seed=cfg.seed,
             teacher=teacher,
         )
-    structure: dict[str, Any] = {}
-    if schedule.prune_method == "filter" or schedule.lowrank_kind:
+    if resume_from is None and (schedule.prune_method == "filter" or schedule.lowrank_kind):
         warm, structure = structural_compress(warm, schedule)
         say(f"student: structural compression ({count_params(warm)} params), fine-tuning")
         distill_on_public(
@@ -315,6 +396,9 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         label="edgekd",
         show_progress=show_progress,
         schedule=schedule,
+        checkpoint=CheckpointPlan(
+            out_dir, teacher_sha256, resume_from, extra={"structure": structure}
+        ),
     )
     finalize(student, schedule, masks)
     # What ships: the student after the codec's INT8 rounding, scored as such.
@@ -391,7 +475,6 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         report["baseline_rounds"] = baseline_rounds
     report["seconds"] = time.perf_counter() - started
 
-    save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
     save_checkpoint(student, student_spec, str(out_dir / "student.pt"))
     write_rounds(out_dir / "rounds.jsonl", rounds)
     write_plots(

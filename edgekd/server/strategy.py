@@ -10,14 +10,19 @@ pattern):
   forever) and go on with the nodes that came;
 * ``aggregate_train`` rejects replies that fail validation (NaN/Inf, wrong names,
   shapes or dtypes) with a logged reason, lets FedAvg (or a robust Flower strategy
-  passed as ``aggregator``: FedMedian, FedTrimmedAvg) average the rest, applies an
-  optional server-side step (FedDF-style distillation), and counts upload bytes.
+  passed as ``aggregator``: FedMedian, FedTrimmedAvg) average the rest when at least
+  ``min_fraction`` of the asked nodes sent a valid update, applies an optional
+  server-side step (FedDF-style distillation), and counts upload bytes;
+* ``start`` is Flower's round loop with two additions a restartable server needs: it
+  can begin at a later round (``first_round``, after a resume) and it hands every
+  finished round to ``on_round_end`` (the checkpoint).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from edgekd.codec import (
     decode_delta,
@@ -51,6 +56,8 @@ Masks = Mapping[str, np.ndarray]
 PrepareRound = Callable[[int, ArrayRecord], tuple[ArrayRecord, dict[str, np.ndarray]]]
 # (round, aggregated arrays, the round's masks) -> arrays: e.g. FedDF distillation
 PostAggregate = Callable[[int, ArrayRecord, Masks], ArrayRecord]
+# (finished round, global arrays after it, the run's results so far): e.g. a checkpoint
+RoundEnd = Callable[[int, ArrayRecord, Result], None]
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,10 @@ class RoundLedger:
     messages: int = 0  # training instructions sent
     eval_messages: int = 0  # evaluation instructions sent (they carry the student too)
     replies: int = 0
+    missing: int = 0  # training instructions that got no reply before the timeout
     failures: int = 0
     rejected: int = 0
+    skipped: int = 0  # 1 when too few valid updates came and the round kept the old student
     reasons: list[str] = field(default_factory=list)
 
     def counters(self) -> dict[str, int]:
@@ -121,10 +130,12 @@ class EdgeKDStrategy(FedAvg):
         wire: WireFormat | None = None,
         aggregator: FedAvg | None = None,
         node_wait: float = 600.0,
+        min_fraction: float = 0.0,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.node_wait = node_wait
+        self.min_fraction = min_fraction
         self.reference_state = dict(reference_state)
         self.teacher_record = teacher_record
         self.proxy_record = proxy_record
@@ -166,6 +177,57 @@ class EdgeKDStrategy(FedAvg):
             yield
         finally:
             self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    def start(  # two keyword-only additions
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: RoundEnd | None = None,
+    ) -> Result:
+        """Flower's loop (`Strategy.start`: train, federated evaluation, central
+        evaluation) over rounds ``first_round..num_rounds``; round 0's central
+        evaluation only when starting from round 1. ``on_round_end`` sees each
+        finished round; an exception there ends the run (a checkpoint that cannot be
+        written must not be silently skipped)."""
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result()
+        if evaluate_fn is not None and first_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = result.arrays = initial_arrays
+        for rnd in range(first_round, num_rounds + 1):
+            log.info("round %d/%d", rnd, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+            )
+            agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                arrays = result.arrays = agg_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn is not None:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+            if on_round_end is not None:
+                on_round_end(rnd, arrays, result)
+        return result
 
     def masks_for_round(self, server_round: int) -> dict[str, np.ndarray]:
         """The pruning masks the nodes trained under in ``server_round`` (empty: none)."""
@@ -300,6 +362,20 @@ class EdgeKDStrategy(FedAvg):
                 self._node_masks[node] = wire.version
             msg.content = RecordDict({**dict(msg.content.items()), self.arrayrecord_key: decoded})
             accepted.append(msg)
+        ledger.missing = max(ledger.messages - ledger.replies, 0)
+        needed = max(math.ceil(self.min_fraction * ledger.messages), 1)
+        if len(accepted) < needed:
+            ledger.skipped = 1
+            log.warning(
+                "round %d: %d valid updates of %d asked (%d needed: train.min-fraction %.2f); "
+                "the global student stays as it was",
+                server_round,
+                len(accepted),
+                ledger.messages,
+                needed,
+                self.min_fraction,
+            )
+            return None, None
         if self.aggregator is not None:
             arrays, metrics = self.aggregator.aggregate_train(server_round, accepted)
         else:

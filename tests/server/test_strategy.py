@@ -97,7 +97,9 @@ def test_round_with_only_bad_updates_keeps_the_model() -> None:
     start = {k: v + 0.5 for k, v in REFERENCE.items()}
     result = strategy.start(grid, state_to_record(start), num_rounds=1, train_config=ConfigRecord())
     assert strategy.ledger[1].rejected == 2
-    assert len(result.arrays) == 0  # nothing aggregated: the app keeps the previous model
+    assert strategy.ledger[1].skipped == 1
+    # Nothing aggregated: the global student is the one the round started from.
+    np.testing.assert_array_equal(record_to_state(result.arrays)["w"], start["w"])
 
 
 def test_missing_nodes_do_not_block_a_round_forever() -> None:
@@ -311,3 +313,54 @@ def test_robust_aggregation_resists_a_scaled_update_and_nan_is_always_rejected(
         assert np.all(w > 1e5)  # one poisoned update dominates the mean
     else:
         np.testing.assert_allclose(w, 1.05, atol=0.06)
+
+
+@pytest.mark.parametrize(("valid", "aggregated"), [(1, False), (2, True)])
+def test_a_round_needs_min_fraction_of_valid_updates(valid: int, aggregated: bool) -> None:
+    # Prepare: four nodes asked; `valid` answer with 1.0, one crashes, the rest send NaN.
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        if node == 4:
+            return None
+        return _update(1.0 if node <= valid else float("nan"))
+
+    strategy = _strategy(min_fraction=0.5)
+
+    # Execute
+    result = strategy.start(FakeGrid([1, 2, 3, 4], reply), state_to_record(REFERENCE), num_rounds=1)
+
+    # Assert: 0.5 of 4 asked means 2 valid updates.
+    ledger = strategy.ledger[1]
+    assert (ledger.messages, ledger.failures, ledger.rejected) == (4, 1, 3 - valid)
+    assert ledger.skipped == (0 if aggregated else 1)
+    np.testing.assert_array_equal(record_to_state(result.arrays)["w"], 1.0 if aggregated else 0.0)
+
+
+def test_start_from_a_later_round_calls_back_after_each_round() -> None:
+    # Prepare
+    strategy = _strategy()
+    grid = FakeGrid(
+        [1], lambda node, msg: _update(float(msg.content.config_records[R.CONFIG][R.ROUND]))
+    )
+    seen: list[tuple[int, float]] = []
+    evaluated: list[int] = []
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        evaluated.append(rnd)
+        return MetricRecord({R.ACCURACY: 0.0})
+
+    # Execute
+    strategy.start(
+        grid,
+        state_to_record(REFERENCE),
+        num_rounds=4,
+        evaluate_fn=evaluate,
+        first_round=3,
+        on_round_end=lambda rnd, arrays, _: seen.append(
+            (rnd, float(record_to_state(arrays)["w"][0, 0]))
+        ),
+    )
+
+    # Assert: rounds 3 and 4 only, no round-0 evaluation, each round's own aggregate.
+    assert seen == [(3, 3.0), (4, 4.0)]
+    assert evaluated == [3, 4]
+    assert sorted(strategy.ledger) == [3, 4]
