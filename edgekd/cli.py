@@ -344,6 +344,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("--out", dest="out_dir", help="folder for fidelity.json/.md and PNGs")
     ins.set_defaults(func=cmd_inspect)
+
+    from edgekd.deploy import commands as deploy_commands
+
+    deploy_commands.register(sub)
     return parser
 
 

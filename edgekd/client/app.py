@@ -5,31 +5,50 @@ set by the simulation engine or ``flower-supernode --node-config``) and the run'
 `EdgeKDConfig`, so the data never leaves it. Soft targets come from the cached
 ONNX teacher (``on-device``; it travels xz-compressed) or from the message (``proxy``).
 The payload codec runs as a mod (`edgekd.client.codec_mod`), so the handlers see
-plain arrays and the round's pruning masks.
+plain arrays and the round's pruning masks. A node started with a device bundle
+whose backend is onnxruntime or LiteRT trains the head only, without torch
+(`edgekd.client.edge_client`).
 """
 
 from __future__ import annotations
 
 import lzma
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
+from edgekd.client.edge_client import (
+    BUNDLE,
+    bundle_backend,
+    edge_data,
+    handle_edge_evaluate,
+    handle_edge_train,
+    torch_placement,
+)
 from edgekd.client.faults import fault_injection_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
 from edgekd.common.specs import ModelSpec, spec_for
+from edgekd.deploy.bundle import load_bundle
 from edgekd.payload import record_to_state, state_to_record
+
+HEAD_ONLY_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train the head only
 
 if TYPE_CHECKING:  # the trainer imports torch; onnxruntime/LiteRT nodes never load it
     from edgekd.client.trainer import RoundSettings
 
 
 def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, ArrayDataset, ModelSpec]:
+    if context.node_config.get(BUNDLE):  # a device started with `edgekd client start --bundle`
+        bundle = load_bundle(Path(str(context.node_config[BUNDLE])))
+        train, val = edge_data(cfg, context, bundle)
+        spec = spec_for(bundle.input_shape, bundle.num_classes, cfg.model.student_width)
+        return train, val, spec
     pid = int(_scalar(context.node_config, R.PARTITION_ID))
     num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
     data = load_federated_data(cfg.data, cfg.seed)
@@ -50,7 +69,7 @@ def _round_settings(config: ConfigRecord, context: Context) -> RoundSettings:
     from edgekd.client.trainer import RoundSettings
 
     batch = int(_scalar(context.node_config, R.NODE_BATCH_SIZE, _scalar(config, R.BATCH_SIZE)))
-    pid = int(_scalar(context.node_config, R.PARTITION_ID))
+    pid = int(context.node_config.get(R.PARTITION_ID, 0))
     return RoundSettings(
         mode=str(_scalar(config, R.MODE)),
         local_epochs=int(_scalar(config, R.LOCAL_EPOCHS)),
@@ -65,6 +84,7 @@ def _round_settings(config: ConfigRecord, context: Context) -> RoundSettings:
         reference_batch=int(_scalar(config, R.REFERENCE_BATCH)),
         # Different per node and per round, reproducible for the same run.
         seed=int(_scalar(config, R.SEED)) * 100_003 + int(_scalar(config, R.ROUND)) * 1009 + pid,
+        **torch_placement(context),
     )
 
 
@@ -143,6 +163,8 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = config_of(context)
+        if bundle_backend(context) in HEAD_ONLY_BACKENDS:  # no torch on this device
+            return handle_edge_train(run_cfg, msg, context)
         if run_cfg.continual.scenario:  # the same app serves continual runs (`flwr run .`)
             from edgekd.client.continual_client import handle_continual_train
 
@@ -157,6 +179,8 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        if bundle_backend(context) in HEAD_ONLY_BACKENDS:
+            return handle_edge_evaluate(config_of(context), msg, context)
         return handle_evaluate(config_of(context), msg, context)
 
     return client_app

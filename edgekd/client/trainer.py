@@ -39,6 +39,8 @@ class RoundSettings:
     max_class_weight: float
     reference_batch: int
     seed: int
+    device: str = "cpu"  # a Jetson node trains on "cuda" (its bundle's profile)
+    fp16: bool = False  # with float16 autocast there
 
     def effective_temperature(self) -> float:
         """T(B) = T0·(B0/B)^(1/4): a device forced to a smaller batch gets a softer τ."""
@@ -111,6 +113,8 @@ def _train(
         max_class_weight=settings.max_class_weight,
         clip_norm=settings.clip_norm,
         optimizer=settings.optimizer,
+        device=settings.device,
+        fp16=settings.fp16,
     )
     probs = None
     if settings.mode == "kd" and teacher_logits is not None:

@@ -65,6 +65,8 @@ class KDSettings:
     optimizer: str = "adam"
     cosine: bool = False  # cosine-decay the lr over the call (long server-side runs)
     hint_weight: float = 0.0
+    device: str = "cpu"  # "cuda" on a Jetson node (its bundle's profile)
+    fp16: bool = False  # autocast to float16 with a gradient scaler (CUDA only)
 
 
 def kd_train(
@@ -89,6 +91,29 @@ def kd_train(
     """
     if len(y) == 0:
         return {"loss": 0.0, "steps": 0.0}
+    device = torch.device(settings.device)
+    if device.type != "cpu":
+        student.to(device)
+        try:
+            return _kd_train(student, x, y, teacher_probs, settings, num_classes, seed, teacher)
+        finally:
+            student.to("cpu")  # states leave the node from host memory
+    return _kd_train(student, x, y, teacher_probs, settings, num_classes, seed, teacher)
+
+
+def _kd_train(
+    student: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    teacher_probs: np.ndarray | None,
+    settings: KDSettings,
+    num_classes: int,
+    seed: int,
+    teacher: nn.Module | None,
+) -> dict[str, float]:
+    device = torch.device(settings.device)
+    fp16 = settings.fp16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     pt = torch.from_numpy(teacher_probs) if teacher_probs is not None else None
@@ -124,23 +149,29 @@ def kd_train(
         running, count = 0.0, 0
         for start in range(0, len(y), settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            with capture_features(student) as feats:
-                logits = student(xt[idx])
+            xb, yb = xt[idx].to(device), yt[idx].to(device)
+            wb = None if weights is None else weights[idx].to(device)
+            with (
+                torch.autocast(device.type, dtype=torch.float16, enabled=fp16),
+                capture_features(student) as feats,
+            ):
+                logits = student(xb)
+            logits = logits.float()  # the loss in float32 whatever the forward ran in
             if pt is None:
-                loss = nn.functional.cross_entropy(logits, yt[idx], reduction="none")
-                loss = (loss * weights[idx]).mean() if weights is not None else loss.mean()
+                loss = nn.functional.cross_entropy(logits, yb, reduction="none")
+                loss = (loss * wb).mean() if wb is not None else loss.mean()
             else:
                 loss = class_balanced_kd_loss(
                     logits,
-                    pt[idx],
-                    yt[idx],
+                    pt[idx].to(device),
+                    yb,
                     temperature=settings.temperature,
                     alpha=settings.alpha,
-                    sample_weights=None if weights is None else weights[idx],
+                    sample_weights=wb,
                 )
             if hint is not None and teacher is not None:
                 with torch.no_grad(), capture_features(teacher) as tfeats:
-                    teacher(xt[idx])
+                    teacher(xb)
                 feat_loss = settings.hint_weight * hint(feats["features"], tfeats["features"])
                 # Balance the terms by their gradient norms at the student feature, so
                 # neither the hint nor the KD/CE term dominates the shared layers.
@@ -149,10 +180,12 @@ def kd_train(
             if not torch.isfinite(loss):
                 raise DivergenceError(f"non-finite loss {loss.item()} during local training")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # scaling is a no-op unless fp16
             if settings.clip_norm > 0:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, settings.clip_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             if sched is not None:
                 sched.step()
             running += float(loss.detach()) * len(idx)

@@ -21,6 +21,12 @@ import pytest
         "edgekd.common.fidelity",
         "edgekd.common.data",
         "edgekd.common.specs",
+        "edgekd.client.runtimes",
+        "edgekd.client.edge_client",
+        "edgekd.client.faults",
+        "edgekd.deploy.bundle",
+        "edgekd.deploy.profiles",
+        "edgekd.cli",  # `edgekd client start` and `edgekd deploy check` run on devices
     ],
 )
 def test_imports_without_torch(module: str) -> None:
