@@ -1,9 +1,11 @@
 """The ``edgekd`` command.
 
 ``edgekd simulate`` runs a federated distillation on Flower's simulation engine
-(Ray) and writes a run folder. Bad input (unknown dataset or key, a partition
-spec out of range, a teacher of another architecture, a missing data file) ends
-with one line naming the problem and exit code 2, never a traceback.
+(Ray) and writes a run folder; ``edgekd server start`` / ``edgekd client start`` run
+the same apps on Flower's Deployment Engine (`edgekd.fleet`). Bad input (unknown
+dataset or key, a partition spec out of range, a teacher of another architecture, a
+missing data file) ends with one line naming the problem and exit code 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from edgekd.common.config import (
     ConfigError,
     EdgeKDConfig,
 )
+from edgekd.deploy.bundle import BundleError
+from edgekd.orchestrate import OrchestrationError
+from edgekd.server.checkpoint import ResumeError
 
 
 class UsageError(Exception):
@@ -345,9 +350,11 @@ def make_parser() -> argparse.ArgumentParser:
     ins.add_argument("--out", dest="out_dir", help="folder for fidelity.json/.md and PNGs")
     ins.set_defaults(func=cmd_inspect)
 
+    from edgekd import fleet
     from edgekd.deploy import commands as deploy_commands
 
     deploy_commands.register(sub)
+    fleet.register(sub)
     return parser
 
 
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, OrchestrationError, ResumeError, BundleError) as exc:
         print(f"edgekd: error: {exc}", file=sys.stderr)
         return 2
 

@@ -165,6 +165,25 @@ class FlowerLocal:
         return "\n".join(parts)
 
 
+def flower_env_for(cache_dir: Path, tag: str) -> dict[str, str]:
+    """The environment of every process a test starts: this venv first on PATH, offline
+    Flower, one edgekd cache, one thread per process (2 cores, many processes), and
+    the tag that teardown kills by."""
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")]),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "EDGEKD_CACHE_DIR": str(cache_dir),
+        "RAY_DISABLE_USAGE_STATS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        TAG_VAR: tag,
+    }
+
+
 @pytest.fixture(scope="session")
 def edgekd_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One dataset/teacher cache for the session, away from ``~/.cache/edgekd``."""
@@ -186,19 +205,10 @@ def flower_local(tmp_path: Path, edgekd_cache_dir: Path) -> Iterator[FlowerLocal
     while control_port == http_port:
         control_port = _free_port()
     env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")]),
+        **flower_env_for(edgekd_cache_dir, tag),
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "EDGEKD_CACHE_DIR": str(edgekd_cache_dir),
-        "RAY_DISABLE_USAGE_STATS": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-        TAG_VAR: tag,
     }
     try:
         yield FlowerLocal(home=home, env=env, tag=tag)

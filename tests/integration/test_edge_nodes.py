@@ -1,0 +1,109 @@
+"""Edge devices end to end: a SuperLink on loopback (TLS), two SuperNodes started with
+`edgekd client start --bundle` — one Raspberry Pi bundle (onnxruntime), one Android
+bundle (LiteRT) — in an environment where ``import torch`` fails, and the edgekd
+ServerApp for two rounds, starting from the bundles' student.
+
+The Android bundle is committed (tests/data/bundles/android-w8, made by
+tests/data/make_tflite_fixtures.py: CI has no TFLite converter); the Pi bundle is built
+here from the same student.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fleet import Fleet  # tests/integration/fleet.py
+
+import edgekd.deploy
+from edgekd.common.models import load_checkpoint
+from edgekd.deploy.bundle import build_bundle, load_bundle
+from edgekd.server.certs import make_certificates
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+STUDENT = DATA / "student_w8_trained.pt"
+ANDROID = DATA / "bundles" / "android-w8"
+NO_TORCH = 'raise ImportError("torch is not installed on this device")\n'
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    from conftest import flower_env_for, kill_tagged
+
+    tag = uuid.uuid4().hex
+    make_certificates(tmp_path / "certs", hosts=("127.0.0.1", "localhost"))
+    env = {**flower_env_for(tmp_path / "cache", tag), "FLWR_HOME": str(tmp_path / "flwr-home")}
+    try:
+        yield Fleet(root=tmp_path, env=env, certs=tmp_path / "certs")
+    finally:
+        kill_tagged(tag)
+
+
+def _state(path: Path) -> dict[str, np.ndarray]:
+    model, _ = load_checkpoint(str(path))
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: the two bundles, and a `torch` that cannot be imported on the devices.
+    # This width-8 student is small and its logits near-tied: INT8 flips ~7 % of its
+    # predictions (the default width-16 student: 2.2 %), so the Pi profile used here
+    # accepts 10 % (a user-supplied profile file, as `deploy build --target FILE`).
+    shipped = Path(edgekd.deploy.__file__).parent / "profiles" / "raspberry-pi.toml"
+    profile = tmp_path / "pi-small-student.toml"
+    profile.write_text(
+        shipped.read_text().replace("max_top1_disagreement = 0.03", "max_top1_disagreement = 0.10")
+    )
+    pi = build_bundle(STUDENT, str(profile), tmp_path / "pi", superlink=fleet.address)
+    assert load_bundle(ANDROID).profile.backend == "litert"
+    shim = tmp_path / "no-torch"
+    (shim / "torch").mkdir(parents=True)
+    (shim / "torch" / "__init__.py").write_text(NO_TORCH)
+    device_env = {"PYTHONPATH": str(shim)}
+    fleet.node(0, bundle=pi, name="pi", env=device_env)
+    fleet.node(1, bundle=ANDROID, name="android", env=device_env)
+
+    # Execute
+    report = fleet.run(
+        tmp_path / "run",
+        settings=[
+            "--rounds",
+            "2",
+            "--set",
+            "data.num-samples=2000",
+            "--set",
+            "model.teacher-epochs=5",
+            "--set",
+            f"model.student-path={STUDENT}",
+            "--set",
+            "model.student-width=8",
+            # Edge nodes keep the bundle's feature extractor: so does the server.
+            "--set",
+            "kd.server-distill-epochs=0",
+            "--set",
+            "train.min-nodes=2",
+            "--set",
+            "train.fraction-evaluate=1.0",
+            "--set",
+            "train.round-timeout=60",
+        ],
+    )
+
+    # Assert: both nodes' updates were accepted and averaged in both rounds...
+    for rnd in report["rounds"][1:]:
+        assert (rnd["replies"], rnd["rejected"], rnd["failures"]) == (2, 0, 0), rnd
+        assert rnd["federated_accuracy"] is not None  # both runtimes evaluated, too
+    for name in ("pi", "android"):
+        log = (tmp_path / f"node-{name}.log").read_text(errors="replace")
+        assert log.count("Sending: train message") == 2, log[-3000:]
+    # ...and what they trained is the head: the features are the bundles' own.
+    before, after = _state(STUDENT), _state(tmp_path / "run" / "student.pt")
+    for name in before:
+        if name.startswith("features."):
+            np.testing.assert_allclose(after[name], before[name], atol=1e-6, err_msg=name)
+    assert np.abs(after["head.weight"] - before["head.weight"]).max() > 1e-3
