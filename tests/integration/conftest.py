@@ -15,8 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import BIN_DIR, flower_env_for, kill_tagged  # tests/integration/processes.py
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # `flwr` and the `flower-superlink` it spawns (looked up on PATH) come from this venv.
-BIN_DIR = Path(sys.executable).parent
 CONNECTION = "local"
-TAG_VAR = "EDGEKD_IT_TAG"
 
 # SuperLink connections live in $FLWR_HOME/config.toml since flwr 1.26; ":local:" makes
 # `flwr` start (and reuse) a managed local SuperLink in simulation mode.
@@ -46,58 +43,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _tagged_pids(tag: str) -> list[int]:
-    """Pids of processes whose environment holds ``TAG_VAR=tag`` (Linux /proc)."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def _signal_tagged(tag: str, sig: signal.Signals) -> list[int]:
-    pids = _tagged_pids(tag)
-    own_group = os.getpgrp()
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except OSError:
-            pass
-    for pgid in groups - {own_group}:
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    return pids
-
-
-def kill_tagged(tag: str, grace: float = 10.0) -> None:
-    """SIGTERM every tagged process (and its process group), then SIGKILL survivors."""
-    if not _signal_tagged(tag, signal.SIGTERM):
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _tagged_pids(tag):
-        time.sleep(0.2)
-    _signal_tagged(tag, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and _tagged_pids(tag):
-        time.sleep(0.2)
 
 
 @dataclass
@@ -163,25 +108,6 @@ class FlowerLocal:
             except AssertionError as err:
                 parts.append(f"--- flwr log {run_id} failed: {err}")
         return "\n".join(parts)
-
-
-def flower_env_for(cache_dir: Path, tag: str) -> dict[str, str]:
-    """The environment of every process a test starts: this venv first on PATH, offline
-    Flower, one edgekd cache, one thread per process (2 cores, many processes), and
-    the tag that teardown kills by."""
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")]),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "EDGEKD_CACHE_DIR": str(cache_dir),
-        "RAY_DISABLE_USAGE_STATS": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        TAG_VAR: tag,
-    }
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BIN_DIR = Path(sys.executable).parent
+from processes import BIN_DIR  # tests/integration/processes.py
+
 NUM_PARTITIONS = 5  # honest nodes hold partitions 0-2; fault drills 3 and 4
 # A small, quick run: 3 rounds of about 20 s each on 2 cores (process start-up and
 # Flower's polling dominate, not the training).

@@ -34,7 +34,7 @@ def _fleet(root: Path, base_env: dict[str, str], tag_var: str, *, tls: bool = Tr
 
 @pytest.fixture(scope="module")
 def fleet_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
-    from conftest import TAG_VAR, flower_env_for, kill_tagged
+    from processes import TAG_VAR, flower_env_for, kill_tagged
 
     tag = uuid.uuid4().hex
     env = flower_env_for(tmp_path_factory.mktemp("fleet-cache"), tag)

@@ -33,7 +33,7 @@ NO_TORCH = 'raise ImportError("torch is not installed on this device")\n'
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    from conftest import flower_env_for, kill_tagged
+    from processes import flower_env_for, kill_tagged
 
     tag = uuid.uuid4().hex
     make_certificates(tmp_path / "certs", hosts=("127.0.0.1", "localhost"))
