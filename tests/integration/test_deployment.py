@@ -101,8 +101,10 @@ def test_a_node_killed_mid_run_is_counted_and_the_run_completes(
     env, tag_var = fleet_env
     fleet = _fleet(tmp_path, env, tag_var)
     nodes = [fleet.node(p) for p in HONEST]
+    # Two rounds: the node dies after round 1; round 2 waits for it at most 45 s.
     server = fleet.server(
-        tmp_path / "run", settings=[*_settings(), "--set", "train.min-fraction=0.5"]
+        tmp_path / "run",
+        *("--rounds", "2", "--set", "train.min-fraction=0.5", "--set", "train.round-timeout=45"),
     )
     fleet.wait_for_checkpoint(tmp_path / "run", 1, timeout=200)
     Fleet.kill(nodes[2])
@@ -156,7 +158,7 @@ def test_robust_aggregation_holds_against_a_poisoned_and_a_nan_node(
 
     # Execute
     robust = fleet.run(tmp_path / "median", *shared, "--set", "train.aggregation=median")
-    plain = fleet.run(tmp_path / "fedavg", *shared)
+    plain = fleet.run(tmp_path / "fedavg", *shared, "--rounds", "2")
 
     # Assert: the median ignores the poisoner; FedAvg does not, but NaN never gets in.
     _, clean = clean_run
@@ -170,9 +172,3 @@ def test_robust_aggregation_holds_against_a_poisoned_and_a_nan_node(
     # and fail too), and still the NaN update is rejected in every round.
     assert all(r["rejected"] >= 1 for r in plain["rounds"][1:]), plain["rounds"]
     assert plain["student"]["accuracy"] < clean["student"]["accuracy"] - 0.02
-
-
-def _settings() -> list[str]:
-    from fleet import RUN_SETTINGS
-
-    return list(RUN_SETTINGS)
