@@ -132,6 +132,14 @@ def cmd_server_start(args: argparse.Namespace) -> int:
         status = connection.follow(run_id, out=sys.stdout, timeout=args.timeout)
         print(f"edgekd: run {run_id} {status}", flush=True)
         return 0 if status == "finished:completed" else 1
+    except KeyboardInterrupt:
+        print(
+            f"edgekd: interrupted; continue with `edgekd server start --resume {run_dir}` "
+            "(from the last completed round)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     finally:
         if superlink is not None:
             stop_process(superlink)
