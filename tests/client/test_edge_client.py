@@ -52,3 +52,73 @@ def test_kd_train_on_cuda_with_fp16_autocast_learns_and_returns_to_the_host() ->
     later = kd_train(model, x, y, None, settings, num_classes=10, seed=1)["loss"]
     assert later < first
     assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.fixture(scope="module")
+def pi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Raspberry Pi bundle of the trained width-8 fixture student (its INT8 model flips
+    ~7 % of predictions, so the profile here accepts 10 %)."""
+    import edgekd.deploy
+    from edgekd.deploy.bundle import build_bundle
+
+    root = tmp_path_factory.mktemp("pi")
+    shipped = Path(edgekd.deploy.__file__).parent / "profiles" / "raspberry-pi.toml"
+    profile = root / "pi.toml"
+    profile.write_text(
+        shipped.read_text().replace("max_top1_disagreement = 0.03", "max_top1_disagreement = 0.10")
+    )
+    student = Path(__file__).parents[1] / "data" / "student_w8_trained.pt"
+    return build_bundle(student, str(profile), root / "bundle")
+
+
+@pytest.mark.parametrize("soft_targets", ["proxy", "on-device"])
+def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
+    pi_bundle: Path, small_config, soft_targets: str
+) -> None:
+    # Prepare: a training message as the server's strategy sends it (after the codec mod).
+    import lzma
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgekd.client.edge_client import handle_edge_train
+    from edgekd.common import records as R
+    from edgekd.common.models import build_model, load_checkpoint, spec_for
+    from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
+    from edgekd.payload import record_to_state, state_to_record
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    model, _ = load_checkpoint(str(Path(__file__).parents[1] / "data" / "student_w8_trained.pt"))
+    sent = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    teacher = export_onnx_bytes(build_model(spec_for((1, 40), 10, 8)), (1, 40))
+    config = ConfigRecord(
+        {R.TEMPERATURE: 4.0, R.ALPHA: 0.8, R.LOCAL_EPOCHS: 1, R.SEED: 1, R.ROUND: 1,
+         R.BATCH_SIZE: 32, R.LR: 0.01, R.SOFT_TARGETS: soft_targets,
+         R.CLASS_WEIGHTING: True, R.MAX_CLASS_WEIGHT: 5.0, R.TEACHER_HASH: sha256_hex(teacher)}
+    )  # fmt: skip
+    content = {R.ARRAYS: state_to_record(sent), R.CONFIG: config}
+    rng = np.random.default_rng(0)
+    content[R.PROXY] = state_to_record(
+        {R.PROXY_X: rng.random((64, 1, 40), dtype=np.float32),
+         R.PROXY_PROBS: rng.dirichlet(np.ones(10), 64).astype(np.float32)}
+    )  # fmt: skip
+    blob = np.frombuffer(lzma.compress(teacher), dtype=np.uint8)
+    content[R.TEACHER] = ArrayRecord({R.TEACHER_ONNX: Array(blob)})
+    msg = Message(RecordDict(content), dst_node_id=1, message_type="train")
+    node = {"bundle": str(pi_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    # Execute
+    reply = handle_edge_train(small_config, msg, context)
+
+    # Assert
+    got = record_to_state(reply.content.array_records[R.ARRAYS])
+    assert got.keys() == sent.keys()
+    for name in sent:
+        if name.startswith("head."):
+            assert np.abs(got[name] - sent[name]).max() > 1e-4, name
+        else:
+            np.testing.assert_array_equal(got[name], sent[name], err_msg=name)
+    metrics = reply.content.metric_records[R.METRICS]
+    assert metrics[R.NUM_EXAMPLES] > 0 and np.isfinite(metrics[R.TRAIN_LOSS])
