@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,14 +93,22 @@ def kd_train(
     """
     if len(y) == 0:
         return {"loss": 0.0, "steps": 0.0}
-    device = torch.device(settings.device)
-    if device.type != "cpu":
-        student.to(device)
-        try:
-            return _kd_train(student, x, y, teacher_probs, settings, num_classes, seed, teacher)
-        finally:
-            student.to("cpu")  # states leave the node from host memory
-    return _kd_train(student, x, y, teacher_probs, settings, num_classes, seed, teacher)
+    with _placed_on(student, torch.device(settings.device)):
+        return _kd_train(student, x, y, teacher_probs, settings, num_classes, seed, teacher)
+
+
+@contextmanager
+def _placed_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` for the block and back on the host after it (a node's
+    state leaves it from host memory); nothing moves for the CPU."""
+    if device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 def _kd_train(

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 Reply = Callable[[int, Message], RecordDict | None]
+
+
+def node_contexts(nodes: list[int], partition_key: str, count_key: str) -> dict[int, Context]:
+    """One Context per node, node i holding partition i of len(nodes); kept by the
+    caller across rounds, as the simulation engine keeps ``context.state``."""
+    return {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={partition_key: i, count_key: len(nodes)},
+            state=RecordDict(),
+            run_config={},
+        )
+        for i, node in enumerate(nodes)
+    }
 
 
 class FakeGrid(Grid):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakegrid import FakeGrid  # tests/server/fakegrid.py
+from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
 from flwr.app import Context, Message, RecordDict
 
 from edgekd.client.codec_mod import payload_codec_mod
@@ -40,16 +40,7 @@ class Federation:
     def __init__(self, cfg: EdgeKDConfig, crash: set[tuple[int, int]] | None = None) -> None:
         self.cfg = cfg
         self.crash = crash or set()  # (round, node): the node loses its state and fails
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={R.PARTITION_ID: i, R.NUM_PARTITIONS: len(NODES)},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i, node in enumerate(NODES)
-        }
+        self.contexts = node_contexts(NODES, R.PARTITION_ID, R.NUM_PARTITIONS)
         self.states: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.tasks: dict[tuple[int, int], int] = {}
         self.received: dict[tuple[int, int], dict[str, np.ndarray]] = {}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakegrid import FakeGrid  # tests/server/fakegrid.py
-from flwr.app import Context, Message, RecordDict
+from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
+from flwr.app import Message, RecordDict
 
 from edgekd.client.app import make_client_app
 from edgekd.common import records as R
@@ -37,16 +37,7 @@ class ServerKilled(RuntimeError):
 
 def _federation(cfg: EdgeKDConfig, kill_at: int | None = None) -> FakeGrid:
     app = make_client_app(cfg)
-    contexts = {
-        node: Context(
-            run_id=1,
-            node_id=node,
-            node_config={R.PARTITION_ID: i, R.NUM_PARTITIONS: len(NODES)},
-            state=RecordDict(),
-            run_config={},
-        )
-        for i, node in enumerate(NODES)
-    }
+    contexts = node_contexts(NODES, R.PARTITION_ID, R.NUM_PARTITIONS)
 
     def reply(node: int, msg: Message) -> RecordDict | None:
         rnd = int(msg.content.config_records[R.CONFIG][R.ROUND])  # type: ignore[arg-type]
