@@ -27,11 +27,26 @@ pruned layer, and the decoder knows every shape from its reference state anyway.
 strings to each message. Flower's plain ``FedAvg`` cannot average such records
 (``Array.numpy()`` refuses the stype): decode first, which also validates.
 
-`encode_delta` sends ``new − old`` in INT8 (per-channel scales as above, no masks) with
-optional error feedback (Seide et al. 2014, "1-bit SGD"; Karimireddy et al. 2019,
-"Error Feedback Fixes SignSGD"): the residual ``e`` left over by the last quantization is
-added before quantizing, ``c = Δ + e``, and the new residual is ``e' = c − Q(c)``, so
-quantization error is delayed, never lost.
+`encode_delta` sends ``new − old`` in INT8 (per-channel scales as above, no masks) or
+INT4 (codes ``−7..7`` as ``{name}::nibbles``: two's-complement nibbles, two per byte,
+low nibble first, a zero padding nibble; one scale per array, ``max|Δ|/7``, so most
+codes are near 0 and the entropy stage shrinks them) with optional error feedback (Seide
+et al. 2014, "1-bit SGD"; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD"): the
+residual ``e`` left over by the last quantization is added before quantizing,
+``c = Δ + e``, and the new residual is ``e' = c − Q(c)``, so quantization error is
+delayed, never lost.
+
+`encode_state_delta` is the lossless downlink: a node that holds the INT8 codes of an
+earlier state receives only ``{name}::dcodes`` (int8), the change of every kept code
+modulo 256 (codes are ``−127..127``, so ``old + d`` wrapped to int8 is exact), and
+``{name}::scale`` only where the scales changed. It decodes to exactly the state
+`encode_state` would have sent; between rounds most codes move by a few steps, so the
+entropy stage shrinks it to about half.
+
+`pack_record` is that entropy stage (Deep Compression's last step, Han et al. 2016, with
+DEFLATE instead of Huffman tables): the whole record as one ``edgekd::packed`` array
+(stype `PACKED_STYPE`), zlib level 9 of a JSON header ``[[key, dtype, nbytes], ...]``
+followed by the buffers. `unpack_record` inflates it with a size cap.
 
 Every decoding failure — a missing or unexpected key, a wrong dtype or stype, a
 truncated buffer, padding bits set, a value count that disagrees with its mask, NaN or
@@ -42,6 +57,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,10 +68,16 @@ from flwr.app import Array, ArrayRecord
 from edgekd.payload import PayloadError, record_nbytes
 
 RAW_STYPE = "edgekd.raw-le"  # raw little-endian bytes, shape from the reference state
+PACKED_STYPE = "edgekd.zlib"  # a whole record, deflated (see `pack_record`)
+PACKED_KEY = "edgekd::packed"
 MASK_SUFFIX = "::mask"
 VALUES_SUFFIX = "::values"
+NIBBLES_SUFFIX = "::nibbles"
+DCODES_SUFFIX = "::dcodes"
 SCALE_SUFFIX = "::scale"
 INT8_MAX = 127
+INT4_MAX = 7
+DELTA_BITS = (8, 4)
 
 _FLOAT32 = np.dtype("<f4")
 _INT8 = np.dtype("i1")
@@ -79,10 +101,32 @@ def _channel_of(flat_index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return flat_index // max(per_channel, 1)
 
 
-def _quantize(values: np.ndarray, scales: np.ndarray, channel: np.ndarray) -> np.ndarray:
+def _quantize(
+    values: np.ndarray, scales: np.ndarray, channel: np.ndarray, limit: int = INT8_MAX
+) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         q = np.rint(values.astype(np.float64) / scales[channel].astype(np.float64))
-    return np.clip(np.nan_to_num(q), -INT8_MAX, INT8_MAX).astype(_INT8)
+    return np.clip(np.nan_to_num(q), -limit, limit).astype(_INT8)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes in ``−7..7`` as two's-complement nibbles, two per byte, low nibble first."""
+    nib = (np.asarray(q, dtype=np.int16) & 0xF).astype(_UINT8)
+    if nib.size % 2:
+        nib = np.append(nib, _UINT8.type(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(_UINT8)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int, key: str) -> np.ndarray:
+    """Inverse of `pack_nibbles`; `PayloadError` on a set padding nibble or code −8."""
+    both = np.empty(packed.size * 2, dtype=np.int16)
+    both[0::2], both[1::2] = packed & 0xF, packed >> 4
+    if both[n:].any():
+        raise PayloadError(f"array '{key}' has its padding nibble set")
+    codes = np.where(both[:n] >= 8, both[:n] - 16, both[:n])
+    if np.any(codes == -8):
+        raise PayloadError(f"array '{key}' holds code -8 (INT4 codes are -7..7)")
+    return codes.astype(_INT8)
 
 
 def _dequantize(q: np.ndarray, scales: np.ndarray, channel: np.ndarray) -> np.ndarray:
@@ -256,6 +300,197 @@ def _read_scales(record: ArrayRecord, key: str, shape: tuple[int, ...]) -> np.nd
     return scales
 
 
+# ------------------------------------------------------- lossless state delta
+# What a node holds of an INT8 state: per float array, its flat INT8 codes (0 where
+# pruned) and its per-channel scales.
+Held = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def held_codes(
+    state: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None = None
+) -> Held:
+    """The INT8 codes and scales `encode_state(int8=True)` sends for ``state``."""
+    masks = masks or {}
+    held: Held = {}
+    for name, raw_value in state.items():
+        value = np.asarray(raw_value)
+        if not _is_float(value):
+            continue
+        index = _kept_index(masks.get(name), value.shape, name)
+        flat_index = np.arange(value.size) if index is None else index
+        scales = channel_scales(value)
+        codes = np.zeros(value.size, dtype=_INT8)
+        codes[flat_index] = _quantize(
+            value.ravel()[flat_index], scales, _channel_of(flat_index, value.shape)
+        )
+        held[name] = (codes, scales)
+    return held
+
+
+def held_from_record(
+    record: ArrayRecord, reference: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]
+) -> Held:
+    """The codes and scales of a decoded INT8 `encode_state` record (``masks`` as
+    `decode_state` returned them)."""
+    held: Held = {}
+    for name, raw_ref in reference.items():
+        ref = np.asarray(raw_ref)
+        if not _is_float(ref) or not _is_quantized(record, name):
+            continue
+        index = _kept_index(masks.get(name), ref.shape, name)
+        flat_index = np.arange(ref.size) if index is None else index
+        codes = np.zeros(ref.size, dtype=_INT8)
+        codes[flat_index] = _read(record, name + VALUES_SUFFIX, _INT8, flat_index.size)
+        held[name] = (codes, _read_scales(record, name + SCALE_SUFFIX, ref.shape))
+    return held
+
+
+def encode_state_delta(
+    state: Mapping[str, np.ndarray],
+    base: Held,
+    *,
+    masks: Mapping[str, np.ndarray] | None = None,
+    send_masks: bool = True,
+) -> tuple[ArrayRecord, Held]:
+    """``state`` in INT8 as the change of its codes from ``base``, and its own codes.
+
+    Keys ``{name}::dcodes`` (int8: ``(q − q_base) mod 256`` at the kept entries),
+    ``{name}::scale`` only where the scales differ from ``base``'s, and ``::mask`` as
+    in `encode_state`. Non-float arrays travel as ``::values``.
+    """
+    masks = masks or {}
+    held = held_codes(state, masks)
+    record = ArrayRecord()
+    for name, raw_value in state.items():
+        value = np.asarray(raw_value)
+        index = _kept_index(masks.get(name), value.shape, name)
+        flat_index = np.arange(value.size) if index is None else index
+        if name in masks and send_masks:
+            record[name + MASK_SUFFIX] = _raw(np.packbits(np.asarray(masks[name]).ravel()), _UINT8)
+        if not _is_float(value):
+            record[name + VALUES_SUFFIX] = _raw(value.ravel()[flat_index], value.dtype)
+            continue
+        if name not in base or base[name][0].shape != (value.size,):
+            raise ValueError(f"base codes do not cover '{name}' {value.shape}")
+        codes, scales = held[name]
+        old_codes, old_scales = base[name]
+        change = codes[flat_index].astype(np.int16) - old_codes[flat_index].astype(np.int16)
+        record[name + DCODES_SUFFIX] = _raw(((change + 128) % 256 - 128).astype(_INT8), _INT8)
+        if old_scales.shape != scales.shape or not np.array_equal(old_scales, scales):
+            record[name + SCALE_SUFFIX] = _raw(scales, _FLOAT32)
+    return record, held
+
+
+def decode_state_delta(
+    record: ArrayRecord,
+    reference: Mapping[str, np.ndarray],
+    base: Held,
+    *,
+    known_masks: Mapping[str, np.ndarray] | None = None,
+) -> tuple[OrderedDict[str, np.ndarray], dict[str, np.ndarray], Held]:
+    """``(state, masks, codes)`` from an `encode_state_delta` record against ``base``."""
+    expected: set[str] = set()
+    state: OrderedDict[str, np.ndarray] = OrderedDict()
+    masks: dict[str, np.ndarray] = {}
+    held: Held = {}
+    known = known_masks or {}
+    for name, raw_ref in reference.items():
+        ref = np.asarray(raw_ref)
+        index: np.ndarray | None = None
+        if name + MASK_SUFFIX in record:
+            expected.add(name + MASK_SUFFIX)
+            masks[name] = _unpack_mask(record, name + MASK_SUFFIX, ref.size).reshape(ref.shape)
+        elif name in known:
+            masks[name] = np.asarray(known[name], dtype=bool)
+            if masks[name].shape != ref.shape:
+                raise PayloadError(f"known mask '{name}' has shape {masks[name].shape}")
+        if name in masks:
+            index = np.flatnonzero(masks[name].ravel())
+        flat_index = np.arange(ref.size) if index is None else index
+        out = np.zeros(ref.size, dtype=ref.dtype)
+        if not _is_float(ref):
+            expected.add(name + VALUES_SUFFIX)
+            out[flat_index] = _read(record, name + VALUES_SUFFIX, ref.dtype, flat_index.size)
+            state[name] = out.reshape(ref.shape)
+            continue
+        if name not in base or base[name][0].shape != (ref.size,):
+            raise PayloadError(f"this node holds no codes for '{name}' {ref.shape}")
+        old_codes, scales = base[name]
+        expected.add(name + DCODES_SUFFIX)
+        change = _read(record, name + DCODES_SUFFIX, _INT8, flat_index.size)
+        summed = old_codes[flat_index].astype(np.int16) + change.astype(np.int16)
+        kept = ((summed + 128) % 256 - 128).astype(_INT8)
+        if np.any(kept == -128):
+            raise PayloadError(f"array '{name}{DCODES_SUFFIX}' makes a code of -128")
+        if name + SCALE_SUFFIX in record:
+            expected.add(name + SCALE_SUFFIX)
+            scales = _read_scales(record, name + SCALE_SUFFIX, ref.shape)
+        codes = np.zeros(ref.size, dtype=_INT8)
+        codes[flat_index] = kept
+        out[flat_index] = _dequantize(kept, scales, _channel_of(flat_index, ref.shape))
+        state[name] = out.reshape(ref.shape)
+        held[name] = (codes, scales)
+    _check_names(record, expected)
+    return state, masks, held
+
+
+# ---------------------------------------------------------------- entropy stage
+def pack_record(record: ArrayRecord) -> ArrayRecord:
+    """The whole record as one zlib-deflated ``edgekd::packed`` array."""
+    header = json.dumps(
+        [[key, arr.dtype, len(arr.data)] for key, arr in record.items()], separators=(",", ":")
+    ).encode()
+    blob = b"".join(
+        [len(header).to_bytes(4, "little"), header] + [bytes(arr.data) for arr in record.values()]
+    )
+    data = zlib.compress(blob, 9)
+    return ArrayRecord(
+        {PACKED_KEY: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+    )
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    return PACKED_KEY in record and record[PACKED_KEY].stype == PACKED_STYPE
+
+
+def unpack_record(record: ArrayRecord, max_bytes: int) -> ArrayRecord:
+    """Inverse of `pack_record`; refuses more than ``max_bytes`` inflated (a zip bomb) and
+    anything that does not inflate or parse, with a `PayloadError`."""
+    _check_names(record, {PACKED_KEY})
+    packed = record[PACKED_KEY]
+    inflater = zlib.decompressobj()
+    try:
+        blob = inflater.decompress(bytes(packed.data), max_bytes + 1)
+    except zlib.error as exc:
+        raise PayloadError(f"packed payload does not inflate: {exc}") from None
+    if len(blob) > max_bytes or inflater.unconsumed_tail:
+        raise PayloadError(f"packed payload inflates to more than {max_bytes} bytes")
+    if not inflater.eof:
+        raise PayloadError("packed payload is truncated")
+    if inflater.unused_data:
+        raise PayloadError("packed payload has trailing bytes")
+    size = int.from_bytes(blob[:4], "little")
+    try:
+        entries = [(str(k), str(d), int(n)) for k, d, n in json.loads(blob[4 : 4 + size])]
+    except (ValueError, TypeError) as exc:
+        raise PayloadError(f"packed payload header does not parse: {exc}") from None
+    out, offset = ArrayRecord(), 4 + size
+    for key, dtype, nbytes in entries:
+        data = blob[offset : offset + nbytes]
+        if nbytes < 0 or len(data) != nbytes:
+            raise PayloadError(f"packed payload: array '{key}' is truncated")
+        try:
+            itemsize = np.dtype(dtype).itemsize
+        except TypeError:
+            raise PayloadError(f"packed payload: array '{key}' has dtype '{dtype}'") from None
+        count = nbytes // max(itemsize, 1)
+        out[key] = Array(dtype=dtype, shape=(count,), stype=RAW_STYPE, data=data)
+        offset += nbytes
+    if offset != len(blob):
+        raise PayloadError(f"packed payload: {len(blob) - offset} trailing bytes")
+    return out
+
+
 # ---------------------------------------------------------------------- delta
 def encode_delta(
     new: Mapping[str, np.ndarray],
@@ -263,10 +498,13 @@ def encode_delta(
     *,
     error_feedback: Mapping[str, np.ndarray] | None = None,
     masks: Mapping[str, np.ndarray] | None = None,
+    bits: int = 8,
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
-    """INT8 update ``new − old`` (+ the residual ``error_feedback``), and the new residual.
+    """INT8 (or INT4: ``bits=4``) update ``new − old`` (+ the residual
+    ``error_feedback``), and the new residual.
 
-    Keys ``{name}::values`` (int8) and ``{name}::scale``. With ``masks`` (held by both
+    Keys ``{name}::values`` (int8; ``{name}::nibbles`` for INT4) and ``{name}::scale``
+    (per channel ``max|Δ_c| / 127``; for INT4 one, ``max|Δ| / 7``). With ``masks`` (held by both
     sides: the server made them) only the kept entries travel, and the pruned ones
     decode to an exact 0 change. The residual is returned even without
     ``error_feedback``, so a client can start feeding it back; entries absent from
@@ -274,6 +512,9 @@ def encode_delta(
     """
     if list(new) != list(old):
         raise ValueError("new and old states name different arrays")
+    if bits not in DELTA_BITS:
+        raise ValueError(f"delta bits must be one of {DELTA_BITS}, got {bits}")
+    limit = INT8_MAX if bits == 8 else INT4_MAX
     masks = masks or {}
     record = ArrayRecord()
     residual: dict[str, np.ndarray] = {}
@@ -291,11 +532,18 @@ def encode_delta(
             kept = np.zeros(corrected.size, dtype=bool)
             kept[index] = True
             corrected = np.where(kept.reshape(corrected.shape), corrected, np.float32(0))
-        scales = channel_scales(corrected)
         flat_index = np.arange(corrected.size) if index is None else index
-        channel = _channel_of(flat_index, corrected.shape)
-        q = _quantize(corrected.ravel()[flat_index], scales, channel)
-        record[name + VALUES_SUFFIX] = _raw(q, _INT8)
+        if bits == 8:
+            scales = channel_scales(corrected)
+            channel = _channel_of(flat_index, corrected.shape)
+        else:  # one scale per array: its codes peak at 0 and deflate well
+            scales = channel_scales(corrected.reshape(-1)) * np.float32(INT8_MAX / limit)
+            channel = np.zeros(flat_index.shape, dtype=np.intp)
+        q = _quantize(corrected.ravel()[flat_index], scales, channel, limit)
+        if bits == 8:
+            record[name + VALUES_SUFFIX] = _raw(q, _INT8)
+        else:
+            record[name + NIBBLES_SUFFIX] = _raw(pack_nibbles(q), _UINT8)
         record[name + SCALE_SUFFIX] = _raw(scales, _FLOAT32)
         dequantized = np.zeros(corrected.size, dtype=np.float32)
         dequantized[flat_index] = _dequantize(q, scales, channel)
@@ -318,13 +566,22 @@ def decode_delta(
         ref = np.asarray(old_value)
         if not _is_float(ref):
             raise PayloadError(f"array '{name}' is {ref.dtype}; deltas are float only")
-        expected.update((name + VALUES_SUFFIX, name + SCALE_SUFFIX))
         index = _kept_index(masks.get(name), ref.shape, name)
         flat_index = np.arange(ref.size) if index is None else index
-        scales = _read_scales(record, name + SCALE_SUFFIX, ref.shape)
-        q = _read(record, name + VALUES_SUFFIX, _INT8, flat_index.size)
+        if name + NIBBLES_SUFFIX in record:
+            key = name + NIBBLES_SUFFIX
+            scales = _read_scales(record, name + SCALE_SUFFIX, (ref.size,))
+            channel = np.zeros(flat_index.shape, dtype=np.intp)
+            packed = _read(record, key, _UINT8, (flat_index.size + 1) // 2)
+            q = unpack_nibbles(packed, flat_index.size, key)
+        else:
+            key = name + VALUES_SUFFIX
+            scales = _read_scales(record, name + SCALE_SUFFIX, ref.shape)
+            channel = _channel_of(flat_index, ref.shape)
+            q = _read(record, key, _INT8, flat_index.size)
+        expected.update((key, name + SCALE_SUFFIX))
         delta = np.zeros(ref.size, dtype=np.float32)
-        delta[flat_index] = _dequantize(q, scales, _channel_of(flat_index, ref.shape))
+        delta[flat_index] = _dequantize(q, scales, channel)
         new_value = (ref.astype(np.float32) + delta.reshape(ref.shape)).astype(ref.dtype)
         if not np.all(np.isfinite(new_value)):
             raise PayloadError(f"array '{name}' is NaN or Inf after adding the delta")
@@ -367,7 +624,13 @@ def reference_from_manifest(manifest: str) -> OrderedDict[str, np.ndarray]:
 
 def is_encoded(record: ArrayRecord) -> bool:
     """Whether ``record`` was written by this codec (rather than plain Arrays)."""
-    return any(arr.stype == RAW_STYPE for arr in record.values())
+    return any(arr.stype in (RAW_STYPE, PACKED_STYPE) for arr in record.values())
+
+
+def inflate_limit(reference: Mapping[str, np.ndarray]) -> int:
+    """The most bytes a packed payload for ``reference`` may inflate to: twice its FP32
+    size (values, masks and scales fit well within) plus 64 KiB for the header."""
+    return 2 * sum(np.asarray(v).nbytes for v in reference.values()) + 65536
 
 
 # ------------------------------------------------------------------- artifact

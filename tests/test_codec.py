@@ -8,11 +8,20 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from edgekd.codec import (
+    PACKED_KEY,
     decode_delta,
     decode_state,
+    decode_state_delta,
     encode_delta,
     encode_state,
+    encode_state_delta,
     encoded_nbytes,
+    held_codes,
+    held_from_record,
+    pack_nibbles,
+    pack_record,
+    unpack_nibbles,
+    unpack_record,
 )
 from edgekd.payload import PayloadError
 
@@ -258,3 +267,170 @@ def test_artifact_round_trips_and_a_truncated_file_is_refused(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(PayloadError, match="truncated|trailing"):
         read_artifact(path)
+
+
+# ------------------------------------------------------------------------- INT4
+def test_int4_nibbles_round_trip_and_bad_nibbles_are_rejected() -> None:
+    codes = np.array([-7, -1, 0, 1, 7, 3, -4], dtype=np.int8)
+
+    packed = pack_nibbles(codes)
+
+    assert packed.size == 4
+    np.testing.assert_array_equal(unpack_nibbles(packed, 7, "k"), codes)
+    padded = packed.copy()
+    padded[-1] |= 0x10  # the unused high nibble of the last byte
+    with pytest.raises(PayloadError, match="'k' has its padding nibble set"):
+        unpack_nibbles(padded, 7, "k")
+    minus_eight = packed.copy()
+    minus_eight[0] = (minus_eight[0] & 0xF0) | 0x8
+    with pytest.raises(PayloadError, match="code -8"):
+        unpack_nibbles(minus_eight, 7, "k")
+
+
+def test_int4_delta_is_within_half_a_step_and_the_residual_holds_the_rest() -> None:
+    old = _state(0)
+    rng = np.random.default_rng(1)
+    new = {n: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for n, v in old.items()}
+
+    record, residual = encode_delta(new, old, bits=4)
+    decoded = decode_delta(record, old)
+    int8_record, _ = encode_delta(new, old)
+
+    assert sorted(record.keys()) == sorted(f"{n}::{p}" for n in old for p in ("nibbles", "scale"))
+    for name in old:
+        step = np.abs(new[name] - old[name]).max() / 7
+        assert np.abs(decoded[name] - new[name]).max() <= step / 2 * (1 + 1e-5)
+        np.testing.assert_allclose(decoded[name] + residual[name], new[name], atol=1e-6)
+    # half the value bytes, and one scale per array instead of one per channel
+    assert encoded_nbytes(record) < 0.55 * encoded_nbytes(int8_record)
+
+
+def test_int4_delta_with_masks_sends_only_kept_entries() -> None:
+    old = _state(0)
+    masks = _magnitude_masks(old, 0.75)
+    new = {n: v + 0.5 for n, v in old.items()}
+
+    record, _ = encode_delta(new, old, masks=masks, bits=4)
+    decoded = decode_delta(record, old, masks=masks)
+
+    assert record["head.weight::nibbles"].shape == ((int(masks["head.weight"].sum()) + 1) // 2,)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(decoded[name][~mask], old[name][~mask])
+    with pytest.raises(PayloadError, match="conv.weight::nibbles.*truncated"):
+        decode_delta(record, old)  # without the masks the counts disagree
+
+
+# ----------------------------------------------------------- lossless state delta
+def _next_round(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: (v + 0.02 * rng.normal(size=v.shape)).astype(np.float32) for n, v in state.items()}
+
+
+def _masked(state: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        n: np.where(masks[n], v, 0).astype(np.float32) if n in masks else v
+        for n, v in state.items()
+    }
+
+
+def test_state_delta_decodes_to_exactly_the_int8_state_even_when_masks_shrink() -> None:
+    # Prepare: round 1 at 50 % sparsity (sent whole), round 2 at 80 % (sent as a delta)
+    first = _state(0)
+    masks1 = _magnitude_masks(first, 0.5)
+    first = _masked(first, masks1)
+    full = encode_state(first, masks=masks1, int8=True)
+    _, node_masks = decode_state(full, first)
+    node_codes = held_from_record(full, first, node_masks)
+    second = _next_round(first, 1)
+    masks2 = {n: m & _magnitude_masks(second, 0.8)[n] for n, m in masks1.items()}
+    second = _masked(second, masks2)
+
+    # Execute
+    record, server_codes = encode_state_delta(second, node_codes, masks=masks2)
+    decoded, masks, codes = decode_state_delta(record, second, node_codes)
+
+    # Assert: bit-equal to what the whole INT8 state would have decoded to
+    expected, _ = decode_state(encode_state(second, masks=masks2, int8=True), second)
+    for name in second:
+        np.testing.assert_array_equal(decoded[name], expected[name])
+        np.testing.assert_array_equal(codes[name][0], server_codes[name][0])
+    assert all(np.array_equal(masks[n], masks2[n]) for n in masks2)
+    assert (
+        held_codes(second, masks2)["head.weight"][0].tobytes() == codes["head.weight"][0].tobytes()
+    )
+
+
+def test_state_delta_omits_unchanged_scales_and_deflates_to_under_half_the_state() -> None:
+    state = _state(0)
+    base = held_codes(state)
+    nudged = {n: v * np.float32(1.0) for n, v in state.items()}
+    nudged["head.weight"] = nudged["head.weight"].copy()
+    nudged["head.weight"][0, 1] += 0.01  # one value moves; no channel maximum does
+
+    record, _ = encode_state_delta(nudged, base)
+    big = {"w": np.random.default_rng(2).normal(size=(48, 200)).astype(np.float32)}
+    moved = _next_round(big, 3)
+    moved_record, _ = encode_state_delta(moved, held_codes(big))
+
+    assert not any(k.endswith("::scale") for k in record.keys())
+    decoded, _, _ = decode_state_delta(record, nudged, base)
+    expected, _ = decode_state(encode_state(nudged, int8=True), nudged)
+    np.testing.assert_array_equal(decoded["head.weight"], expected["head.weight"])
+    whole = encoded_nbytes(encode_state(moved, int8=True))
+    assert encoded_nbytes(pack_record(moved_record)) < 0.5 * whole
+
+
+def test_state_delta_against_other_codes_or_to_an_invalid_code_is_refused() -> None:
+    state = _state(0)
+    base = held_codes(state)
+    record, _ = encode_state_delta(_next_round(state, 1), base)
+
+    with pytest.raises(PayloadError, match="holds no codes for 'conv.bias'"):
+        decode_state_delta(record, state, {k: v for k, v in base.items() if k != "conv.bias"})
+    codes, scales = base["head.bias"]
+    at_max = {**base, "head.bias": (np.full_like(codes, 127), scales)}
+    bump = ArrayRecord(dict(record.items()))
+    bump["head.bias::dcodes"] = _raw(np.ones(10, dtype=np.int8))
+    with pytest.raises(PayloadError, match="head.bias::dcodes' makes a code of -128"):
+        decode_state_delta(bump, state, at_max)
+
+
+# ------------------------------------------------------------------ entropy stage
+def test_packed_record_round_trips_and_is_smaller() -> None:
+    state = _state(0)
+    record, _ = encode_state_delta(_next_round(state, 1), held_codes(state))
+
+    packed = pack_record(record)
+    unpacked = unpack_record(packed, max_bytes=1 << 20)
+
+    assert list(packed.keys()) == [PACKED_KEY]
+    assert encoded_nbytes(packed) < encoded_nbytes(record)
+    assert list(unpacked.keys()) == list(record.keys())
+    for key, arr in record.items():
+        assert bytes(unpacked[key].data) == bytes(arr.data)
+        assert (unpacked[key].dtype, unpacked[key].stype) == (arr.dtype, arr.stype)
+
+
+def _packed_blob(data: bytes) -> ArrayRecord:
+    from edgekd.codec import PACKED_STYPE
+
+    return ArrayRecord(
+        {PACKED_KEY: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (lambda good: good[: len(good) // 2], "truncated"),
+        (lambda good: good + b"junk", "trailing bytes"),
+        (lambda good: b"\x00" + good, "does not inflate"),
+        (lambda good: __import__("zlib").compress(b"\x05\x00\x00\x00[[1]]"), "header"),
+        (lambda good: __import__("zlib").compress(bytes(1 << 16)), "more than 4096 bytes"),
+    ],
+)
+def test_a_corrupt_packed_payload_is_refused(blob, message: str) -> None:  # type: ignore[no-untyped-def]
+    good = bytes(pack_record(encode_state(_state(0)))[PACKED_KEY].data)
+
+    with pytest.raises(PayloadError, match=message):
+        unpack_record(_packed_blob(blob(good)), max_bytes=4096)
