@@ -8,6 +8,12 @@ as the ``R.MASKS`` record. On the way out it encodes the trained student the way
 server asked (``compression.upload``): FP32 kept values, or an INT8 delta against the
 state it received, optionally with error feedback whose residual stays on the node
 (``context.state``). Numpy only: onnxruntime and LiteRT nodes use it too.
+
+With downlink deltas the node keeps the INT8 codes of the last state it decoded
+(``context.state``) and rebuilds the next one from the change of its codes; a delta
+against a state it does not hold fails the message with a `PayloadError`, and the
+server sends the whole state next time. Packed (zlib) payloads are inflated first, and
+the reply is packed when the server asks for it (``compression.entropy``).
 """
 
 from __future__ import annotations
@@ -20,11 +26,18 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edgekd.codec import (
     MASK_SUFFIX,
+    Held,
     decode_state,
+    decode_state_delta,
     encode_delta,
     encode_state,
+    held_from_record,
+    inflate_limit,
     is_encoded,
+    is_packed,
+    pack_record,
     reference_from_manifest,
+    unpack_record,
 )
 from edgekd.common import records as R
 from edgekd.payload import PayloadError, record_to_state, state_to_record
@@ -32,6 +45,9 @@ from edgekd.payload import PayloadError, record_to_state, state_to_record
 _MASKS_STATE = "edgekd.masks"  # context.state keys: the cached masks and their version
 _MASKS_VERSION = "edgekd.masks-version"
 _RESIDUAL_STATE = "edgekd.residual"  # error-feedback residual of the last upload
+_HELD_STATE = "edgekd.held-codes"  # INT8 codes + scales of the last state decoded
+_HELD_VERSION = "edgekd.held-version"
+_CODES, _SCALES = "::codes", "::scales"
 
 
 def payload_codec_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -42,12 +58,23 @@ def payload_codec_mod(msg: Message, context: Context, call_next: ClientAppCallab
         return call_next(msg, context)
     config = msg.content.config_records.get(R.CONFIG, ConfigRecord())
     reference = reference_from_manifest(str(config.get(R.SHAPES, "{}")))
+    if is_packed(record):
+        record = unpack_record(record, inflate_limit(reference))
     version = str(config.get(R.MASK_VERSION, ""))
     carries_masks = any(key.endswith(MASK_SUFFIX) for key in record.keys())
     known = None
     if version and not carries_masks:
         known = _cached_masks(context, version)
-    received, masks = decode_state(record, reference, known_masks=known)
+    state_id = str(config.get(R.STATE_VERSION, ""))
+    base_id = str(config.get(R.BASE_VERSION, ""))
+    if base_id:
+        base = _held_codes(context, base_id)
+        received, masks, held = decode_state_delta(record, reference, base, known_masks=known)
+    else:
+        received, masks = decode_state(record, reference, known_masks=known)
+        held = held_from_record(record, reference, masks) if state_id else {}
+    if state_id:
+        _keep_held_codes(context, state_id, held)
     if version and carries_masks:
         _cache_masks(context, version, masks)
     content = dict(msg.content.items())
@@ -64,10 +91,19 @@ def payload_codec_mod(msg: Message, context: Context, call_next: ClientAppCallab
     if upload == "fp32":
         encoded = encode_state(trained, masks=masks, send_masks=False)
     else:
-        feedback = _residual(context, received) if upload == "int8-delta-ef" else None
-        encoded, residual = encode_delta(trained, received, error_feedback=feedback, masks=masks)
-        if upload == "int8-delta-ef":
+        bits = 4 if upload.startswith("int4-") else 8
+        feedback = upload.endswith("-ef")
+        encoded, residual = encode_delta(
+            trained,
+            received,
+            error_feedback=_residual(context, received) if feedback else None,
+            masks=masks,
+            bits=bits,
+        )
+        if feedback:
             context.state[_RESIDUAL_STATE] = state_to_record(residual)
+    if str(config.get(R.ENTROPY, "none")) == "zlib":
+        encoded = pack_record(encoded)
     out = dict(reply.content.items())
     out[R.ARRAYS] = encoded
     reply.content = RecordDict(out)
@@ -111,3 +147,25 @@ def _residual(
     ):
         return None
     return dict(residual)
+
+
+def _held_codes(context: Context, version: str) -> Held:
+    """The codes of the state ``version`` this node decoded last; `PayloadError` if it
+    holds another (it restarted, or missed a message the server thinks it got)."""
+    held = context.state.config_records.get(_HELD_VERSION, ConfigRecord()).get("version")
+    if held != version or _HELD_STATE not in context.state.array_records:
+        raise PayloadError(
+            f"the server sent a change against state {version[:12]}, which this node "
+            "does not hold; it will send the whole state next time"
+        )
+    arrays = record_to_state(context.state.array_records[_HELD_STATE])
+    names = [k[: -len(_CODES)] for k in arrays if k.endswith(_CODES)]
+    return {n: (arrays[n + _CODES], arrays[n + _SCALES]) for n in names}
+
+
+def _keep_held_codes(context: Context, version: str, held: Held) -> None:
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, (codes, scales) in held.items():
+        arrays[name + _CODES], arrays[name + _SCALES] = codes, scales
+    context.state[_HELD_STATE] = state_to_record(arrays)
+    context.state[_HELD_VERSION] = ConfigRecord({"version": version})

@@ -20,7 +20,13 @@ and `CompressionSchedule` carries it out on the server:
   global student, and ships the masks as packed bits; clients keep masked weights at
   exactly zero (`edgekd.common.pruning.GradientMask`), so their average is zero there
   too. Movement pruning scores ``|W − W0|`` against the global student entering round
-  1; nothing has moved before round 1's training, so its first masks come a round later;
+  1; nothing has moved before round 1's training, so its first masks come a round later.
+  ``start = 0`` moves the whole schedule into "round 0", the server's warm start: the
+  student is pruned in `WARM_PRUNE_STEPS` cubic steps, each followed by
+  `WARM_PRUNE_EPOCHS` epochs of KD on the public split under the masks, and every
+  federated round trains at the final sparsity (movement then scores against the
+  random initialisation). The masks are still the server's and still travel;
+  nothing is sent twice while they change;
 * **quantization**: from round ``end`` on clients train with fake-quantized weights
   (INT8 per-channel QAT, or ternary with the STE), and student values travel as INT8
   with per-channel scales in both directions whenever a quantizer is set.
@@ -55,6 +61,8 @@ from edgekd.common.pruning import (
 from edgekd.common.quantization import TernaryWeight, prepare_qat, ternarize
 
 Masks = dict[str, np.ndarray]
+WARM_PRUNE_STEPS = 5  # start-round 0: cubic steps of server-side pruning after warm start
+WARM_PRUNE_EPOCHS = 6  # public-split KD epochs under the masks after each step
 
 
 @dataclass(frozen=True)
@@ -88,10 +96,21 @@ class CompressionSchedule:
     def bits(self) -> int:
         return {"int8": 8, "ternary": 2}.get(self.quantize, 32)
 
+    @property
+    def prunes_in_warm_start(self) -> bool:
+        """``start-round = 0``: the schedule runs on the server before round 1."""
+        return self.unstructured and self.start_round == 0
+
     def sparsity_for(self, server_round: int) -> float:
         if not self.unstructured:
             return 0.0
+        if self.prunes_in_warm_start:
+            return self.prune_amount
         return cubic_sparsity(server_round, self.start_round - 1, self.end_round, self.prune_amount)
+
+    def warm_start_sparsity(self, step: int) -> float:
+        """Target sparsity after server-side step ``1..WARM_PRUNE_STEPS`` (start-round 0)."""
+        return cubic_sparsity(step, 0, WARM_PRUNE_STEPS, self.prune_amount)
 
     def qat_for(self, server_round: int) -> str:
         """The quantizer clients train with in ``server_round`` ("" for none)."""
@@ -124,7 +143,16 @@ class Pruner:
             # Nothing has moved yet: every score |W − W0| is 0 and the ranking would be
             # the tie order, pruning whole layers. Movement pruning starts a round later.
             return {}
-        target = s.sparsity_for(server_round)
+        self.prune_to(s.sparsity_for(server_round), model)
+        return self.numpy_masks()
+
+    @torch.no_grad()
+    def prune_to(self, target: float, model: nn.Module) -> None:
+        """Masks at sparsity ``target`` (never un-pruning), applied to ``model``."""
+        s = self.schedule
+        weights = prunable_parameters(model)
+        if self.initial is None:
+            self.initial = {k: w.detach().clone() for k, w in weights.items()}
         previous = self.masks or None
         # LAMP-normalised global ranking: plain global ranking empties the head.
         if s.prune_method == "magnitude":
@@ -134,7 +162,6 @@ class Pruner:
                 weights, self.initial, target, scope="lamp", previous_masks=previous
             )
         apply_masks(model, self.masks)
-        return self.numpy_masks()
 
     def numpy_masks(self) -> Masks:
         return {k: m.cpu().numpy().astype(bool) for k, m in self.masks.items()}

@@ -19,7 +19,9 @@ SOFT_TARGET_MODES = ("on-device", "proxy")
 OPTIMIZERS = ("adam", "sgd")
 PRUNE_METHODS = ("magnitude", "movement", "filter")
 QUANTIZE_MODES = ("", "int8", "ternary")
-UPLOAD_MODES = ("fp32", "int8-delta", "int8-delta-ef")
+UPLOAD_MODES = ("fp32", "int8-delta", "int8-delta-ef", "int4-delta", "int4-delta-ef")
+DOWNLOAD_MODES = ("state", "delta")
+ENTROPY_CODERS = ("none", "zlib")
 TEACHER_FORMATS = ("fp32", "int8")
 # Mirrors edgekd.continual (SCENARIOS, REGULARIZERS), which this module must not import.
 CONTINUAL_SCENARIOS = ("class-incremental", "domain-incremental")
@@ -95,9 +97,11 @@ class CompressionConfig:
     prune: str = ""  # "" | magnitude:<sparsity> | movement:<sparsity> | filter:<ratio>
     quantize: str = ""  # "" | int8 | ternary: QAT from end-round on; both send INT8 values
     lowrank: str = ""  # "" | energy:<0..1> | rank:<r>: SVD-factorize before round 1
-    start_round: int = 1  # first round whose training sees pruned weights
+    start_round: int = 1  # first round trained with pruned weights; 0: prune in warm start
     end_round: int = 5  # the cubic schedule reaches the final sparsity here; QAT from here
-    upload: str = "fp32"  # fp32 | int8-delta | int8-delta-ef (with error feedback)
+    upload: str = "fp32"  # fp32 | int8-delta | int4-delta, each with -ef (error feedback)
+    download: str = "state"  # state | delta: INT8 code changes against what a node holds
+    entropy: str = "none"  # none | zlib: deflate every payload, both ways
     teacher: str = "fp32"  # fp32 | int8: the ONNX teacher shipped to on-device nodes
 
 
@@ -213,10 +217,28 @@ class EdgeKDConfig:
             f"compression.upload must be one of {UPLOAD_MODES}, got '{c.upload}'",
         )
         _check(
+            c.download in DOWNLOAD_MODES,
+            f"compression.download must be one of {DOWNLOAD_MODES}, got '{c.download}'",
+        )
+        _check(
+            c.download == "state" or c.quantize != "",
+            "compression.download = delta sends INT8 code changes: it needs "
+            "compression.quantize (int8 or ternary)",
+        )
+        _check(
+            c.entropy in ENTROPY_CODERS,
+            f"compression.entropy must be one of {ENTROPY_CODERS}, got '{c.entropy}'",
+        )
+        _check(
             c.teacher in TEACHER_FORMATS,
             f"compression.teacher must be one of {TEACHER_FORMATS}, got '{c.teacher}'",
         )
-        _check(c.start_round >= 1, "compression.start-round must be >= 1")
+        _check(c.start_round >= 0, "compression.start-round must be >= 0")
+        _check(
+            c.start_round >= 1 or parse_prune(c.prune)[0] in ("magnitude", "movement"),
+            "compression.start-round = 0 prunes during the server's warm start: it needs "
+            "compression.prune = magnitude:<s> or movement:<s>",
+        )
         _check(c.end_round >= c.start_round, "compression.end-round must be >= start-round")
         self._validate_continual()
 

@@ -36,7 +36,10 @@ REFERENCE_BATCH = "kd.reference-batch"
 SOFT_TARGETS = "kd.soft-targets"
 TEACHER_HASH = "kd.teacher-hash"  # sha256 of the ONNX; it travels xz-compressed
 SHAPES = "compression.shapes"  # codec shape manifest (JSON): name -> [dtype, shape]
-UPLOAD = "compression.upload"  # fp32 | int8-delta | int8-delta-ef
+UPLOAD = "compression.upload"  # fp32 | int8-delta[-ef] | int4-delta[-ef]
+ENTROPY = "compression.entropy"  # none | zlib: how the node packs its reply
+STATE_VERSION = "compression.state-version"  # id of the INT8 state this message carries
+BASE_VERSION = "compression.base-version"  # "" (full state) or the id the delta applies to
 QAT = "compression.qat"  # "" | int8 | ternary: the quantizer to train with this round
 MASK_VERSION = "compression.mask-version"  # "" or the masks' hash; cached per node
 # Continual runs (edgekd.server.continual -> edgekd.client.continual_client)

@@ -11,6 +11,7 @@ import copy
 import logging
 import lzma
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,8 @@ from edgekd.client.trainer import load_state, model_state
 from edgekd.codec import decode_state, encode_state, write_artifact
 from edgekd.common import records as R
 from edgekd.common.compression import (
+    WARM_PRUNE_EPOCHS,
+    WARM_PRUNE_STEPS,
     CompressionSchedule,
     Pruner,
     finalize,
@@ -45,7 +48,7 @@ from edgekd.common.models import (
     save_checkpoint,
     spec_for,
 )
-from edgekd.common.pruning import sparsity_of
+from edgekd.common.pruning import prunable_parameters, sparsity_of
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
 from edgekd.deploy.quantize import int8_weight_fake_quant, quantize_onnx_int8
@@ -153,6 +156,7 @@ def run_federation(
     show_progress: bool,
     schedule: CompressionSchedule | None = None,
     checkpoint: CheckpointPlan | None = None,
+    pruner: Pruner | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run ``cfg.train.num_rounds`` rounds from ``initial``; return the final student,
     the per-round records and the final pruning masks. ``mode="ce"`` is plain FedAvg
@@ -160,11 +164,12 @@ def run_federation(
     split, for the FedDF-style step; ``schedule`` the compression recipe (None: off).
     ``teacher_onnx`` is the teacher as shipped to on-device nodes (xz-compressed).
     ``checkpoint`` says where to write a checkpoint after every round and, when
-    resuming, the checkpoint to go on from (``initial`` is then its student)."""
+    resuming, the checkpoint to go on from (``initial`` is then its student).
+    ``pruner``: one that already pruned ``initial`` (start-round 0)."""
     t, k = cfg.train, cfg.kd
     reference = model_state(initial)
     schedule = schedule or CompressionSchedule()
-    pruner = Pruner(schedule)
+    pruner = pruner or Pruner(schedule)
     resumed = checkpoint.resume_from if checkpoint is not None else None
     if resumed is not None:
         pruner.load_state_dict(resumed.pruner, resumed.pruner_initial_round)
@@ -215,6 +220,8 @@ def run_federation(
         wire=WireFormat(
             int8=schedule.int8_wire,
             upload=cfg.compression.upload if mode == "kd" else "fp32",
+            download=cfg.compression.download,
+            entropy=cfg.compression.entropy,
             quantizer_for=schedule.qat_for,
         ),
         aggregator=robust_aggregator(t.aggregation),
@@ -229,13 +236,15 @@ def run_federation(
     first_round = resumed.round + 1 if resumed is not None else 1
     rounds: list[dict[str, Any]] = list(resumed.rounds) if resumed is not None else []
     tracker = RoundTracker(spec, data, t.num_rounds - first_round + 1, label, show_progress)
+    start_sparsity = pruner.sparsity
 
     def round_record(rnd: int, result: Result) -> dict[str, Any]:
         return {
             "round": rnd,
             **tracker.results.get(rnd, {}),
             **strategy.ledger.get(rnd, RoundLedger()).counters(),
-            "sparsity": _round_sparsity(strategy, rnd),
+            # round 0: the student entering round 1 (pruned already with start-round 0)
+            "sparsity": _round_sparsity(strategy, rnd) if rnd else start_sparsity,
             "train_loss": metric_value(result.train_metrics_clientapp.get(rnd), R.TRAIN_LOSS),
             "federated_accuracy": metric_value(
                 result.evaluate_metrics_clientapp.get(rnd), R.ACCURACY
@@ -279,6 +288,42 @@ def run_federation(
         tracker.close()
     final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
     return final, rounds, pruner.numpy_masks()
+
+
+def prune_in_warm_start(
+    student: nn.Module,
+    initial: nn.Module,
+    schedule: CompressionSchedule,
+    public_probs: np.ndarray,
+    data: FederatedData,
+    cfg: EdgeKDConfig,
+    teacher: nn.Module,
+    say: Callable[[str], None],
+) -> Pruner:
+    """``compression.start-round = 0``: Zhu & Gupta's gradual pruning on the server,
+    after the warm start and before round 1. ``WARM_PRUNE_STEPS`` cubic steps up to the
+    final sparsity, each followed by ``WARM_PRUNE_EPOCHS`` epochs of KD on the public
+    split with the pruned weights held at zero. Movement scores ``|W − W0|`` against
+    ``initial``, the untrained student. Returns the pruner, masks set, for the rounds."""
+    pruner = Pruner(schedule)
+    pruner.initial = {name: w.detach().clone() for name, w in prunable_parameters(initial).items()}
+    for step in range(1, WARM_PRUNE_STEPS + 1):
+        pruner.prune_to(schedule.warm_start_sparsity(step), student)
+        with keep_pruned_at_zero(student, pruner.numpy_masks()):
+            distill_on_public(
+                student,
+                public_probs,
+                data,
+                cfg,
+                epochs=WARM_PRUNE_EPOCHS,
+                seed=cfg.seed + 1000 + step,
+                teacher=teacher,
+            )
+        say(
+            f"student: pruned to {pruner.sparsity:.2f} on the server "
+            f"(step {step}/{WARM_PRUNE_STEPS}), {WARM_PRUNE_EPOCHS} epochs of KD"
+        )
+    return pruner
 
 
 @dataclass(frozen=True)
@@ -377,6 +422,9 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             seed=cfg.seed,
             teacher=teacher,
         )
+    pruner = None
+    if resume_from is None and schedule.prunes_in_warm_start:
+        pruner = prune_in_warm_start(warm, init, schedule, public_probs, data, cfg, teacher, say)
     if resume_from is None and (schedule.prune_method == "filter" or schedule.lowrank_kind):
         warm, structure = structural_compress(warm, schedule)
         say(f"student: structural compression ({count_params(warm)} params), fine-tuning")
@@ -399,6 +447,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         checkpoint=CheckpointPlan(
             out_dir, teacher_sha256, resume_from, extra={"structure": structure}
         ),
+        pruner=pruner,
     )
     finalize(student, schedule, masks)
     # What ships: the student after the codec's INT8 rounding, scored as such.

@@ -34,11 +34,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from edgekd.codec import (
+    Held,
     decode_delta,
     decode_state,
     encode_state,
+    encode_state_delta,
+    held_codes,
+    inflate_limit,
     is_encoded,
+    is_packed,
+    pack_record,
     shapes_manifest,
+    unpack_record,
 )
 from edgekd.common import records as R
 from edgekd.payload import (
@@ -62,13 +69,25 @@ RoundEnd = Callable[[int, ArrayRecord, Result], None]
 
 @dataclass(frozen=True)
 class WireFormat:
-    """How the student travels: INT8 values (per-channel scales) or FP32 both ways
-    down, and ``upload`` (fp32 | int8-delta | int8-delta-ef) up; ``quantizer_for``
-    names the QAT quantizer clients train with in a round ("" for none)."""
+    """How the student travels: INT8 values (per-channel scales) or FP32 down, as a
+    whole state or (``download = "delta"``, INT8 only) as the change of its codes
+    against the state the node holds; ``upload`` (fp32 | int8-delta[-ef] |
+    int4-delta[-ef]) up; ``entropy`` ("zlib": every payload deflated, both ways);
+    ``quantizer_for`` names the QAT quantizer clients train with in a round ("" for
+    none)."""
 
     int8: bool = False
     upload: str = "fp32"
+    download: str = "state"
+    entropy: str = "none"
     quantizer_for: Callable[[int], str] = field(default=lambda _round: "")
+
+    @property
+    def state_deltas(self) -> bool:
+        return self.int8 and self.download == "delta"
+
+
+_HELD_VERSIONS = 4  # INT8 states the server keeps codes of, as bases for deltas
 
 
 @dataclass
@@ -149,6 +168,11 @@ class EdgeKDStrategy(FedAvg):
         self._nodes_with_teacher: set[int] = set()
         self._node_masks: dict[int, str] = {}  # node -> mask version it holds
         self._rounds: dict[int, _RoundWire] = {}
+        # Downlink deltas: the codes of the last INT8 states sent, which one each node
+        # confirmed (by replying) it holds, and which one it was just sent.
+        self._held: dict[str, Held] = {}
+        self._node_state: dict[int, str] = {}
+        self._awaiting: dict[int, str] = {}
 
     @contextmanager
     def _available_nodes(self, grid: Grid) -> Iterator[None]:
@@ -275,6 +299,7 @@ class EdgeKDStrategy(FedAvg):
                 **dict(config.items()),
                 R.SHAPES: shapes_manifest(state),
                 R.UPLOAD: self.wire.upload,
+                R.ENTROPY: self.wire.entropy,
                 R.QAT: self.wire.quantizer_for(server_round),
                 R.MASK_VERSION: masks_version(masks),
             }
@@ -294,12 +319,23 @@ class EdgeKDStrategy(FedAvg):
         version = masks_version(masks)
         with_masks = encode_state(state, masks=masks, int8=self.wire.int8)
         without = encode_state(state, masks=masks, int8=self.wire.int8, send_masks=False)
+        state_id = self._remember_state(with_masks, state, masks)
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             content = dict(msg.content.items())
             cached = bool(masks) and self._node_masks.get(node) == version
-            content[self.arrayrecord_key] = without if cached else with_masks
+            record = without if cached else with_masks
+            if state_id:
+                record, base_id = self._state_delta(node, record, state, masks, cached)
+                config = msg.content.config_records.get(self.configrecord_key, ConfigRecord())
+                content[self.configrecord_key] = ConfigRecord(
+                    {**dict(config.items()), R.STATE_VERSION: state_id, R.BASE_VERSION: base_id}
+                )
+                self._awaiting[node] = state_id
+            if self.wire.entropy == "zlib":
+                record = pack_record(record)
+            content[self.arrayrecord_key] = record
             if attach_sources and self.teacher_record is not None:
                 if node not in self._nodes_with_teacher:
                     content[R.TEACHER] = self.teacher_record
@@ -314,11 +350,57 @@ class EdgeKDStrategy(FedAvg):
             out.append(msg)
         return out
 
+    def _remember_state(self, full: ArrayRecord, state: Masks, masks: Masks) -> str:
+        """With downlink deltas: the id of this INT8 state (a hash of its encoding),
+        keeping its codes as a base for later deltas; "" otherwise."""
+        if not self.wire.state_deltas:
+            return ""
+        digest = hashlib.sha256()
+        for key, arr in full.items():
+            digest.update(key.encode())
+            digest.update(bytes(arr.data))
+        state_id = digest.hexdigest()[:16]
+        if state_id not in self._held:
+            self._held[state_id] = held_codes(state, masks)
+            while len(self._held) > _HELD_VERSIONS:
+                self._held.pop(next(iter(self._held)))
+        return state_id
+
+    def _state_delta(
+        self, node: int, full: ArrayRecord, state: Masks, masks: Masks, cached: bool
+    ) -> tuple[ArrayRecord, str]:
+        """``(record, base id)``: the change of the codes against the state ``node``
+        holds, or ``(full, "")`` when the server does not know one it still keeps."""
+        base_id = self._node_state.get(node, "")
+        base = self._held.get(base_id)
+        if base is None:
+            return full, ""
+        try:
+            record, _ = encode_state_delta(state, base, masks=masks, send_masks=not cached)
+        except ValueError:  # the student's arrays changed shape since: send it whole
+            return full, ""
+        return record, base_id
+
+    def _settle_states(self, replies: list[Message]) -> None:
+        """A node that replied decoded what it was sent and now holds that state; one
+        that failed or did not answer may hold anything, so it gets a whole state next."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            sent = self._awaiting.pop(node, None)
+            if msg.has_error() or sent is None:
+                self._node_state.pop(node, None)
+            else:
+                self._node_state[node] = sent
+        for node in self._awaiting:
+            self._node_state.pop(node, None)
+        self._awaiting.clear()
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
         wire = self._rounds.get(server_round)
+        self._settle_states(replies)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -333,6 +415,8 @@ class EdgeKDStrategy(FedAvg):
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         wire = self._rounds.get(server_round) or _RoundWire(dict(self.reference_state), {}, "")
         accepted: list[Message] = []
+        replies = list(replies)
+        self._settle_states(replies)
         for msg in replies:
             ledger.replies += 1
             node = msg.metadata.src_node_id
@@ -391,6 +475,8 @@ class EdgeKDStrategy(FedAvg):
 
     def _decode_reply(self, record: ArrayRecord, wire: _RoundWire) -> ArrayRecord:
         """A reply's student as plain FP32 arrays; `PayloadError` if it does not decode."""
+        if is_packed(record):
+            record = unpack_record(record, inflate_limit(wire.sent))
         if not is_encoded(record):  # plain Arrays (a node without the codec mod)
             check_update(record, wire.sent)
             state = record_to_state(record)

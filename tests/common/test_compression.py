@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgekd.common.compression import (
+    WARM_PRUNE_STEPS,
     CompressionSchedule,
     Pruner,
     finalize,
@@ -59,12 +60,46 @@ def test_schedule_reaches_the_final_sparsity_at_end_round_and_qat_starts_there()
         ("compression.lowrank", "rank:2.5", "compression.lowrank"),
         ("compression.quantize", "int4", "compression.quantize"),
         ("compression.upload", "zip", "compression.upload"),
-        ("compression.end-round", 0, "end-round"),
+        ("compression.download", "diff", "compression.download"),
+        ("compression.entropy", "xz", "compression.entropy"),
+        ("compression.start-round", -1, "start-round must be >= 0"),
+        ("compression.end-round", -1, "end-round"),
     ],
 )
 def test_bad_recipes_are_refused_naming_the_key(key: str, value: object, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         EdgeKDConfig().with_overrides({key: value})
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"compression.download": "delta"}, "needs compression.quantize"),
+        ({"compression.start-round": 0, "compression.prune": "filter:0.5"}, "warm start"),
+        ({"compression.start-round": 0}, "warm start"),
+    ],
+)
+def test_recipes_whose_parts_do_not_fit_are_refused(overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        EdgeKDConfig().with_overrides(overrides)
+
+
+def test_start_round_zero_prunes_in_the_warm_start_and_every_round_at_the_final() -> None:
+    # Prepare
+    schedule = CompressionSchedule.from_config(
+        CompressionConfig(prune="magnitude:0.8", quantize="int8", start_round=0, end_round=3)
+    )
+
+    # Execute
+    warm = [schedule.warm_start_sparsity(step) for step in range(1, WARM_PRUNE_STEPS + 1)]
+    rounds = [schedule.sparsity_for(r) for r in range(1, 6)]
+
+    # Assert: the cubic schedule over the server's steps, s_f in every round
+    assert schedule.prunes_in_warm_start
+    assert warm[0] == pytest.approx(0.8 * (1 - (1 - 1 / WARM_PRUNE_STEPS) ** 3))
+    assert warm == sorted(warm) and warm[-1] == pytest.approx(0.8)
+    assert rounds == [pytest.approx(0.8)] * 5
+    assert [schedule.qat_for(r) for r in range(1, 6)] == ["", "", "int8", "int8", "int8"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "movement"])

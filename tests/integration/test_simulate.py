@@ -88,6 +88,19 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 4
 
 
+def _simulate_recipe(out: Path, recipe: tuple[str, ...]) -> dict:
+    """A 4-client, 3-round run with the ``--set`` overrides ``recipe``; its report,
+    after checking that it finished and that every update decoded."""
+    code = main(
+        ["simulate", "--num-clients", "4", "--rounds", "3", "--out", str(out), *SMALL]
+        + [arg for key in recipe for arg in ("--set", key)]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sum(r["rejected"] + r["failures"] for r in report["rounds"]) == 0
+    return report
+
+
 def test_simulate_with_a_pruning_and_int8_recipe(tmp_path: Path) -> None:
     # Prepare
     from edgekd.codec import read_artifact
@@ -103,16 +116,10 @@ def test_simulate_with_a_pruning_and_int8_recipe(tmp_path: Path) -> None:
     )
 
     # Execute
-    code = main(
-        ["simulate", "--num-clients", "4", "--rounds", "3", "--out", str(out), *SMALL]
-        + [arg for key in recipe for arg in ("--set", key)]
-    )
+    report = _simulate_recipe(out, recipe)
 
     # Assert
-    assert code == 0
-    report = json.loads((out / "report.json").read_text())
     rounds = report["rounds"]
-    assert sum(r["rejected"] + r["failures"] for r in rounds) == 0
     # cubic schedule: s_1 = 0.8·(1 − (1 − 1/2)³) = 0.7
     assert [round(r["sparsity"], 2) for r in rounds] == [0.0, 0.7, 0.8, 0.8]
     # Round 3: same masks as round 2, which every node cached, so fewer bytes down.
@@ -150,3 +157,34 @@ def test_simulate_with_filter_pruning_and_low_rank(tmp_path: Path) -> None:
     assert student["structure"]["lowrank"]  # at least one layer was factorized
     assert student["accuracy"] > 0.3
     assert (out / "student.int8.onnx").stat().st_size > 0
+
+
+def test_simulate_with_the_lean_wire_over_ray(tmp_path: Path) -> None:
+    # Prepare: pruned on the server before round 1, code changes down, INT4 deltas up,
+    # everything deflated: the README's lean recipe on a small run
+    out = tmp_path / "run"
+    recipe = (
+        "model.student-width=32",
+        "compression.prune=magnitude:0.8",
+        "compression.start-round=0",
+        "compression.end-round=2",
+        "compression.quantize=int8",
+        "compression.download=delta",
+        "compression.upload=int4-delta-ef",
+        "compression.entropy=zlib",
+    )
+
+    # Execute
+    report = _simulate_recipe(out, recipe)
+
+    # Assert: the student entered round 1 already at 80 %
+    rounds = report["rounds"]
+    assert [round(r["sparsity"], 2) for r in rounds] == [0.8, 0.8, 0.8, 0.8]
+    # From round 2 the nodes hold the last state: what goes down is less than the INT8
+    # values alone of a whole state per message would be
+    student = report["student"]
+    for r in rounds[2:]:
+        assert r["bytes_down"] < (r["messages"] + r["eval_messages"]) * student["nonzero_params"]
+        # INT4 codes: half a byte per kept weight, plus a few scales and the header
+        assert r["bytes_up"] < r["replies"] * student["nonzero_params"] * 0.6
+    assert student["accuracy"] > 0.3

@@ -103,6 +103,41 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     assert load_run_checkpoint(broken).round == 4
 
 
+LEAN = {
+    "compression.start-round": 0,  # pruned on the server before round 1
+    "compression.quantize": "int8",
+    "compression.download": "delta",
+    "compression.upload": "int4-delta",  # no error feedback: nodes restart with no state
+    "compression.entropy": "zlib",
+}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_on_the_lean_wire_equals_the_uninterrupted_one(tmp_path: Path) -> None:
+    # Prepare: the restarted server knows no node's state, so it sends whole states
+    # again; the downlink is lossless, so the nodes decode the same students.
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_edgekd(_federation(_cfg(whole, **LEAN)), _cfg(whole, **LEAN), show_progress=False)
+    with pytest.raises(ServerKilled):
+        run_edgekd(
+            _federation(_cfg(broken, **LEAN), kill_at=3), _cfg(broken, **LEAN), show_progress=False
+        )
+
+    # Execute
+    cfg = _cfg(broken, resume=True, **LEAN)
+    run_edgekd(_federation(cfg), cfg, show_progress=False)
+
+    # Assert
+    expected, got = _student(whole), _student(broken)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    report = json.loads((whole / "report.json").read_text())
+    assert [round(r["sparsity"], 2) for r in report["rounds"]] == [0.5] * 5  # from round 0
+    assert sum(r["rejected"] + r["failures"] for r in report["rounds"]) == 0
+    resumed = json.loads((broken / "report.json").read_text())["rounds"]
+    assert resumed[3]["bytes_down"] > resumed[4]["bytes_down"]  # whole states, then deltas
+
+
 def test_resume_refuses_another_config(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     save_run_checkpoint(

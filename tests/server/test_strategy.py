@@ -11,7 +11,7 @@ from fakegrid import FakeGrid, Reply  # tests/server/fakegrid.py
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from edgekd.common import records as R
-from edgekd.payload import record_nbytes, record_to_state, state_to_record
+from edgekd.payload import PayloadError, record_nbytes, record_to_state, state_to_record
 from edgekd.server.strategy import EdgeKDStrategy, WireFormat
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
@@ -364,3 +364,118 @@ def test_start_from_a_later_round_calls_back_after_each_round() -> None:
     assert seen == [(3, 3.0), (4, 4.0)]
     assert evaluated == [3, 4]
     assert sorted(strategy.ledger) == [3, 4]
+
+
+def _run_recording_states(**wire: object) -> tuple[EdgeKDStrategy, list, list]:
+    """3 rounds of 3 nodes that add 0.01 to what they get: every state a handler got,
+    and (base version, packed?, array keys) of every message as it arrived."""
+    from edgekd.codec import is_packed, unpack_record
+
+    got: list[dict[str, np.ndarray]] = []
+    arrived: list[tuple[str, bool, list[str]]] = []
+
+    def handler(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got.append(state)
+        return {k: v + 0.01 for k, v in state.items()}
+
+    node = _node(handler)
+
+    def reply(node_id: int, msg: Message) -> RecordDict | None:
+        record = msg.content.array_records[R.ARRAYS]
+        packed = is_packed(record)
+        keys = list((unpack_record(record, 1 << 20) if packed else record).keys())
+        base = str(msg.content.config_records[R.CONFIG].get(R.BASE_VERSION, ""))
+        arrived.append((base, packed, keys))
+        return node(node_id, msg)
+
+    strategy = _compressed_strategy(int8=True, upload="int4-delta-ef", **wire)
+    strategy.fraction_evaluate = 1.0  # evaluation messages carry the student too
+    grid = FakeGrid([1, 2, 3], reply)
+    strategy.start(grid, state_to_record(BIG), num_rounds=3, train_config=ConfigRecord())
+    return strategy, got, arrived
+
+
+def test_downlink_deltas_rebuild_exactly_the_int8_states_nodes_would_get_whole() -> None:
+    # Execute: the same run with whole INT8 states, and with code changes + zlib
+    whole, whole_got, _ = _run_recording_states()
+    delta, delta_got, arrived = _run_recording_states(download="delta", entropy="zlib")
+
+    # Assert: every node decoded bit-identical students, train and evaluate alike
+    assert len(whole_got) == len(delta_got) == 9 + 9  # 3 rounds x 3 nodes x (train, eval)
+    for a, b in zip(whole_got, delta_got, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    # (bytes: a 28-value student is all zlib header; see test_codec for real sizes)
+    assert delta.ledger[3].rejected == delta.ledger[3].failures == 0
+    assert all(packed for _, packed, _ in arrived)
+    assert [base == "" for base, _, _ in arrived[:3]] == [True] * 3  # first contact
+    assert "w::values" in arrived[0][2] and "w::dcodes" not in arrived[0][2]
+    assert all(base != "" for base, _, _ in arrived[3:])
+    assert all("w::dcodes" in keys and "w::values" not in keys for _, _, keys in arrived[3:])
+
+
+def test_a_node_that_lost_its_state_is_refused_a_delta_and_gets_the_whole_state_next() -> None:
+    # Prepare: node 2 restarts before round 2 (a fresh Context: no codes held)
+    from flwr.app import Context
+
+    from edgekd.client.codec_mod import payload_codec_mod
+
+    good = _node(lambda s: s)
+    bases: dict[int, dict[int, str]] = {}
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        config = msg.content.config_records[R.CONFIG]
+        bases.setdefault(int(config[R.ROUND]), {})[node] = str(config[R.BASE_VERSION])
+        if node == 2 and int(config[R.ROUND]) == 2:
+            fresh = Context(1, node, {}, RecordDict(), {})
+            return payload_codec_mod(msg, fresh, lambda m, c: m).content  # raises
+        return good(node, msg)
+
+    def guarded(node: int, msg: Message) -> RecordDict | None:
+        try:
+            return reply(node, msg)
+        except PayloadError as exc:
+            assert "does not hold" in str(exc)
+            return None
+
+    strategy = _compressed_strategy(int8=True, upload="int8-delta", download="delta")
+    grid = FakeGrid([1, 2], guarded)
+
+    # Execute
+    strategy.start(grid, state_to_record(BIG), num_rounds=3, train_config=ConfigRecord())
+
+    # Assert: round 2 tried a delta to node 2 and failed; round 3 sent it the whole state
+    assert bases[1] == {1: "", 2: ""}
+    assert bases[2][1] != "" and bases[2][2] != ""
+    assert strategy.ledger[2].failures == 1
+    assert bases[3][1] != "" and bases[3][2] == ""
+    assert strategy.ledger[3].failures == 0 and strategy.ledger[3].rejected == 0
+
+
+def test_a_packed_reply_that_does_not_inflate_is_rejected_and_the_round_goes_on() -> None:
+    # Prepare: node 1's deflated upload loses its tail on the way
+    from edgekd.codec import PACKED_KEY
+
+    good = _node(lambda s: {k: v + 0.1 for k, v in s.items()})
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        content = good(node, msg)
+        assert content is not None
+        if node == 1:
+            arr = content[R.ARRAYS][PACKED_KEY]
+            cut = arr.data[: len(arr.data) // 2]
+            content[R.ARRAYS][PACKED_KEY] = Array(
+                dtype=arr.dtype, shape=(len(cut),), stype=arr.stype, data=cut
+            )
+        return content
+
+    strategy = _compressed_strategy(int8=True, upload="int4-delta-ef", entropy="zlib")
+    grid = FakeGrid([1, 2], reply)
+
+    # Execute
+    result = strategy.start(grid, state_to_record(BIG), num_rounds=1, train_config=ConfigRecord())
+
+    # Assert
+    ledger = strategy.ledger[1]
+    assert (ledger.replies, ledger.rejected) == (2, 1)
+    assert any("node 1: packed payload is truncated" in r for r in ledger.reasons)
+    np.testing.assert_allclose(record_to_state(result.arrays)["b"], 1.1, atol=0.1 / 7)
