@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
@@ -396,7 +395,10 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     teacher_server = softmax_np(predict_logits(teacher, data.server_test.x))
     public_probs = public_soft_targets(teacher, data, cfg.kd.temperature)
 
-    torch.manual_seed(cfg.seed)
+    # Reseed: the student's phase must not depend on whether the teacher was trained
+    # here (which draws from the global generators) or loaded with --teacher, so that
+    # recipes run against one cached teacher compare with the run that trained it.
+    seed_everything(cfg.seed)
     init = build_model(student_spec)
     random_init = copy.deepcopy(init)
     warm = copy.deepcopy(init)
