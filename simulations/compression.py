@@ -1,6 +1,7 @@
 """Compression recipes on the same run: accuracy, KL to the teacher, sparsity and bytes.
 
-    python simulations/compression.py --seeds 42 --recipes none magnitude90-int8 movement90-int8
+    python simulations/compression.py --seeds 42 0 1 --recipes none magnitude80-lean \
+        movement80-lean -- --set model.student-width=48
 
 Each recipe is a set of ``--set`` overrides for ``edgekd simulate`` (see `RECIPES`).
 The first run of a seed trains the teacher; the others load it, so every recipe of a
@@ -23,8 +24,28 @@ SHIPPED = [
     "compression.upload=int8-delta-ef",
     "compression.teacher=int8",
 ]
+# The lean wire: pruned on the server before round 1 (start-round 0), QAT from round
+# 10, lossless INT8 code changes down, INT4 deltas with error feedback up, all deflated.
+LEAN = [
+    "compression.start-round=0",
+    "compression.end-round=10",
+    "compression.quantize=int8",
+    "compression.download=delta",
+    "compression.upload=int4-delta-ef",
+    "compression.entropy=zlib",
+    "compression.teacher=int8",
+]
 RECIPES: dict[str, list[str]] = {
     "none": [],
+    "magnitude80-lean": ["compression.prune=magnitude:0.8", *LEAN],
+    "movement80-lean": ["compression.prune=movement:0.8", *LEAN],
+    # the lean wire, but pruned across rounds 1-6 (QAT from 6): masks change each round
+    "magnitude80-lean-rounds": [
+        "compression.prune=magnitude:0.8",
+        "compression.start-round=1",
+        "compression.end-round=6",
+        *LEAN[2:],
+    ],
     "int8": SHIPPED,
     "magnitude80-int8": ["compression.prune=magnitude:0.8", *SHIPPED],
     "magnitude90-int8": ["compression.prune=magnitude:0.9", *SHIPPED],
@@ -62,17 +83,28 @@ def main() -> int:
             reports[name].append(json.loads((out / "report.json").read_text()))
     print(f"\ncompression recipes, seeds {args.seeds} {' '.join(extra)}\n")
     print(
-        "| recipe | accuracy | KL to teacher | sparsity | bits | bytes down+up "
+        "| recipe | accuracy | Δ vs none | KL to teacher | sparsity | bits | bytes down+up "
         "| ÷ FP32 FedAvg | ÷ teacher FedAvg | artifact bytes | params |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    baseline = reports.get("none")
     for name, runs in reports.items():
         comm = [r["communication"] for r in runs]
         total = [c["bytes_down"] + c["bytes_up"] for c in comm]
         fp32 = [c["fp32_fedavg_bytes"] / t for c, t in zip(comm, total, strict=True)]
         teach = [c["teacher_fedavg_bytes"] / t for c, t in zip(comm, total, strict=True)]
+        diff = (
+            _ms(
+                [
+                    r["student"]["accuracy"] - b["student"]["accuracy"]
+                    for r, b in zip(runs, baseline, strict=True)
+                ]
+            )
+            if baseline
+            else "—"
+        )
         print(
-            f"| {name} | {_ms([r['student']['accuracy'] for r in runs])} "
+            f"| {name} | {_ms([r['student']['accuracy'] for r in runs])} | {diff} "
             f"| {_ms([r['student']['kl_to_teacher'] for r in runs])} "
             f"| {_ms([r['student']['sparsity'] for r in runs], 2)} "
             f"| {runs[0]['student']['bits']} | {statistics.mean(total) / 1e6:.2f} MB "
