@@ -9,10 +9,11 @@ pattern):
 * both ``configure_*`` hooks wait a bounded time for nodes (Flower's sampler waits
   forever) and go on with the nodes that came;
 * ``aggregate_train`` rejects replies that fail validation (NaN/Inf, wrong names,
-  shapes or dtypes) with a logged reason, lets FedAvg (or a robust Flower strategy
-  passed as ``aggregator``: FedMedian, FedTrimmedAvg) average the rest when at least
-  ``min_fraction`` of the asked nodes sent a valid update, applies an optional
-  server-side step (FedDF-style distillation), and counts upload bytes;
+  shapes or dtypes) with a logged reason, puts the rest in a content order (so the
+  float32 sum does not depend on which node answered first), lets FedAvg (or a
+  robust Flower strategy passed as ``aggregator``: FedMedian, FedTrimmedAvg) average
+  the rest when at least ``min_fraction`` of the asked nodes sent a valid update,
+  applies an optional server-side step (FedDF-style distillation), and counts upload bytes;
 * ``start`` is Flower's round loop with two additions a restartable server needs: it
   can begin at a later round (``first_round``, after a resume) and it hands every
   finished round to ``on_round_end`` (the checkpoint).
@@ -122,6 +123,18 @@ def metric_value(record: MetricRecord | None, key: str) -> float | None:
     """A numeric metric from an aggregated MetricRecord, or None."""
     value = record.get(key) if record is not None else None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _reply_digest(msg: Message) -> str:
+    """A content hash of a decoded reply: its arrays (names and bytes) and metrics."""
+    digest = hashlib.sha256()
+    for record in msg.content.array_records.values():
+        for key, arr in record.items():
+            digest.update(key.encode())
+            digest.update(bytes(arr.data))
+    for metrics in msg.content.metric_records.values():
+        digest.update(repr(sorted(metrics.items())).encode())
+    return digest.hexdigest()
 
 
 def masks_version(masks: Masks) -> str:
@@ -447,6 +460,10 @@ class EdgeKDStrategy(FedAvg):
             msg.content = RecordDict({**dict(msg.content.items()), self.arrayrecord_key: decoded})
             accepted.append(msg)
         ledger.missing = max(ledger.messages - ledger.replies, 0)
+        # Flower sums the weighted updates in float32 in list order, and replies come
+        # in whatever order the nodes finished: sorting by content makes the average
+        # (and so a whole simulation) bit-reproducible.
+        accepted.sort(key=_reply_digest)
         needed = max(math.ceil(self.min_fraction * ledger.messages), 1)
         if len(accepted) < needed:
             ledger.skipped = 1

@@ -479,3 +479,29 @@ def test_a_packed_reply_that_does_not_inflate_is_rejected_and_the_round_goes_on(
     assert (ledger.replies, ledger.rejected) == (2, 1)
     assert any("node 1: packed payload is truncated" in r for r in ledger.reasons)
     np.testing.assert_allclose(record_to_state(result.arrays)["b"], 1.1, atol=0.1 / 7)
+
+
+class _ReversedGrid(FakeGrid):
+    """Answers in the reverse order of the messages: the last node finished first."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+def test_the_average_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    # Prepare: float32 sums that round differently in different orders, a third of
+    # each: (1e8 - 1e8) + 1 = 1/3, but (1 - 1e8) + 1e8 = 0
+    values = {1: 1e8, 2: -1e8, 3: 1.0}
+
+    def reply(node: int, _msg: Message) -> RecordDict:
+        return _update(values[node])
+
+    averages = []
+    for grid in (FakeGrid([1, 2, 3], reply), _ReversedGrid([1, 2, 3], reply)):
+        # Execute
+        result = _strategy().start(grid, state_to_record(REFERENCE), num_rounds=1)
+        averages.append(record_to_state(result.arrays))
+
+    # Assert: bit for bit
+    for name in REFERENCE:
+        assert averages[0][name].tobytes() == averages[1][name].tobytes()
