@@ -76,10 +76,11 @@ def run(run_dir: Path, threads: int) -> dict[str, Any]:
     from edgekd.common.config import EdgeKDConfig
     from edgekd.common.data import load_federated_data
     from edgekd.common.models import load_checkpoint
-    from edgekd.deploy.bundle import CALIBRATION_SAMPLES, slim_onnx
+    from edgekd.deploy.bundle import slim_onnx
+    from edgekd.deploy.host import describe_host, int8_host
     from edgekd.deploy.onnx_export import export_onnx_bytes
     from edgekd.deploy.parity import onnx_predictor, tflite_predictor, torch_predictor
-    from edgekd.deploy.quantize import quantize_onnx_int8
+    from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
 
     report = json.loads((run_dir / "report.json").read_text())
     cfg = EdgeKDConfig().with_overrides(report["config"])
@@ -121,8 +122,8 @@ def run(run_dir: Path, threads: int) -> dict[str, Any]:
     return {
         "run": str(run_dir),
         "threads": threads,
-        "host": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}",
+        "host": f"{describe_host(int8_host())}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
         "test_samples": int(len(y)),
         "teacher_onnx_bytes": len(teacher_onnx),
         "models": rows,

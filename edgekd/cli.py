@@ -273,7 +273,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def print_summary(report: dict[str, Any]) -> None:
     rows = [("teacher", report["teacher"]), ("edgekd student", report["student"])]
-    for key, name in (("server_only", "server-only KD"), ("baseline", "FedAvg, no teacher")):
+    for key, name in (
+        ("student_int8", "student INT8 ONNX"),
+        ("server_only", "server-only KD"),
+        ("baseline", "FedAvg, no teacher"),
+    ):
         if key in report:
             rows.append((name, report[key]))
     print(f"\n{'model':<20}{'accuracy':>9}{'params':>9}{'ECE':>7}{'min recall':>11}{'agree':>7}")
@@ -288,7 +292,31 @@ def print_summary(report: dict[str, Any]) -> None:
     print(
         f"teacher on server-domain test: {t['server_domain_accuracy']:.4f}; "
         f"bytes down {comm['bytes_down']:,}, up {comm['bytes_up']:,}; "
-        f"{report['seconds']:.0f} s\n"
+        f"{report['seconds']:.0f} s"
+    )
+    int8 = report.get("student_int8")
+    if int8 is not None:
+        print(int8_verdict(int8))
+    print()
+
+
+def int8_verdict(int8: dict[str, Any]) -> str:
+    """One line on the INT8 export: where it was measured and whether it passed the
+    device profile's parity gate; a failure is loud."""
+    from edgekd.deploy.host import describe_host
+
+    parity = int8["parity"]
+    where = f"on {describe_host(int8['host'])}"
+    if not int8["ok"]:
+        return (
+            f"!!! INT8 ONNX student FAILS the {int8['profile']} parity gate {where}: "
+            + "; ".join(int8["problems"])
+            + " -- do not deploy student.int8.onnx from this run"
+        )
+    return (
+        f"INT8 ONNX student: top-1 agreement with FP32 {parity['top1_agreement']:.4f}, "
+        f"accuracy {parity['accuracy'] - parity['torch_accuracy']:+.4f} "
+        f"({int8['profile']} parity gate passed {where})"
     )
 
 

@@ -55,6 +55,7 @@ from edgekd.common.metrics import (
     reliability_bins,
     teacher_agreement,
 )
+from edgekd.deploy.host import describe_host, int8_host
 
 if TYPE_CHECKING:
     from torch import nn
@@ -391,6 +392,8 @@ def run_inspect(
             "bootstrap_level": BOOTSTRAP_LEVEL,
             "ece_bins": 15,
         },
+        # An INT8 model's scores depend on the CPU's INT8 kernels (edgekd.deploy.host).
+        "host": int8_host(),
     }
     reliability: dict[str, dict[str, list[float]]] = {}
     for role, model in models.items():
@@ -567,6 +570,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['data']['dataset']} devices' test split, {report['data']['test_size']} samples, "
         f"seed {report['data']['seed']}. Intervals: {level} % percentile bootstrap, "
         f"{report['settings']['bootstrap_resamples']} resamples.",
+        "",
+        f"Measured on {describe_host(report['host'])}." if "host" in report else "",
         "",
         "## Scores",
         "",

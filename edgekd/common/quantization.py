@@ -222,13 +222,16 @@ def prepare_qat(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def convert_weights_int8(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def convert_weights_int8(
+    model: nn.Module, levels: int = INT8_MAX
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``state_dict`` name → (int8 weight, float32 per-output-channel scales).
 
-    ``s_c = max_j|W_cj| / 127`` (1.0 for an all-zero channel), ``q = clamp(round(W/s_c),
-    −127, 127)``, so ``|q·s_c − W| ≤ s_c/2``. The scales are taken from the final weights,
-    not the observers' moving averages: those lag the last optimizer step and would
-    clip weights that grew since. Works on a float model or a `prepare_qat` one; biases
+    ``s_c = max_j|W_cj| / L`` (1.0 for an all-zero channel), ``q = clamp(round(W/s_c),
+    −L, L)`` with ``L = levels`` (127; 64 for the 7-bit weights of the ONNX export,
+    `edgekd.deploy.quantize`), so ``|q·s_c − W| ≤ s_c/2``. The scales are taken from the
+    final weights, not the observers' moving averages: those lag the last optimizer step
+    and would clip weights that grew since. Works on a float model or a `prepare_qat` one; biases
     stay float (an integer runtime folds them into int32 with the activation scale).
     """
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -237,9 +240,9 @@ def convert_weights_int8(model: nn.Module) -> dict[str, tuple[np.ndarray, np.nda
             weight = module.weight.detach().cpu().to(torch.float64)
             flat = weight.reshape(weight.shape[0], -1)
             max_abs = flat.abs().amax(dim=1)
-            scales = torch.where(max_abs > 0, max_abs / INT8_MAX, torch.ones_like(max_abs))
+            scales = torch.where(max_abs > 0, max_abs / levels, torch.ones_like(max_abs))
             shape = (-1,) + (1,) * (weight.dim() - 1)
-            q = torch.clamp(torch.round(weight / scales.reshape(shape)), -INT8_MAX, INT8_MAX)
+            q = torch.clamp(torch.round(weight / scales.reshape(shape)), -levels, levels)
             key = f"{name}.weight" if name else "weight"
             out[key] = (q.to(torch.int8).numpy(), scales.to(torch.float32).numpy())
     return out

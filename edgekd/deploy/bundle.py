@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd.deploy.host import int8_host
 from edgekd.deploy.parity import (
     ParityError,
     ParityResult,
@@ -62,6 +63,7 @@ from edgekd.deploy.parity import (
     predictor_for,
 )
 from edgekd.deploy.profiles import DeviceProfile, ProfileError, load_profile, profile_from_dict
+from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,8 +98,6 @@ DEFAULT_SUPERLINK = "127.0.0.1:9092"  # Flower's Fleet API port; set the real ho
 # Test samples shipped for on-device parity checks: 1 000 resolve a 1-point accuracy
 # drop (standard error ~1.3 points at 85 %) and keep mnist1d's parity.npz at ~200 kB.
 PARITY_SAMPLES = 1000
-# Calibration samples for static INT8: min/max ranges settle well before this many.
-CALIBRATION_SAMPLES = 2048
 # Roles of the model files; "inference" is the one the device serves with.
 INFERENCE, REFERENCE, FEATURES, HEAD_STEP = "inference", "reference", "features", "head-step"
 
@@ -403,7 +403,6 @@ def _model_artifacts(
     notes: list[str] = []
     if profile.backend == "onnxruntime":
         from edgekd.deploy.head_step import export_feature_extractor_onnx, export_head_step_onnx
-        from edgekd.deploy.quantize import quantize_onnx_int8
 
         fp32 = slim_onnx(export_onnx_bytes(model, shape))
         artifacts = [_Artifact("student_fp32.onnx", fp32, REFERENCE, "fp32")]
@@ -875,6 +874,8 @@ def _manifest(
             "parity_samples_shipped": parity_samples,
         },
         "files": files,
+        # Where the parity above was measured: INT8 kernels differ between CPUs.
+        "build_host": int8_host(),
         "notes": notes,
     }
 
@@ -1039,6 +1040,8 @@ def _check_loaded(bundle: Bundle, threads: int, runs: int) -> dict[str, Any]:
         "bundle": str(bundle.path),
         "target": profile.name,
         "backend": profile.backend,
+        "host": int8_host(),
+        "build_host": bundle.manifest.get("build_host"),
         "verified_files": len(bundle.manifest["files"]),
         "parity_samples": int(len(y)),
         "parity": parity,

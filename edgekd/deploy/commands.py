@@ -133,6 +133,8 @@ def _files_table(files: dict[str, dict[str, Any]]) -> str:
 
 def render_check(result: dict[str, Any]) -> str:
     """The short table ``edgekd deploy check`` prints."""
+    from edgekd.deploy.host import describe_host  # numpy only, like the check itself
+
     lines = [
         f"bundle {result['bundle']} ({result['target']}, {result['backend']}): "
         f"{result['verified_files']} files verified; parity on {result['parity_samples']} "
@@ -149,6 +151,13 @@ def render_check(result: dict[str, Any]) -> str:
             f"{p['top1_agreement']:>8.4f}{p['accuracy']:>8.4f}{p['torch_accuracy']:>8.4f}"
             f"  {'yes' if p['ok'] else 'NO'}"
         )
+    build = result.get("build_host")
+    lines.append(f"this host:  {describe_host(result['host'])}")
+    lines.append(
+        f"build host: {describe_host(build)} (the manifest's parity)"
+        if build
+        else "build host: not recorded (a bundle built before edgekd recorded it)"
+    )
     lat, size, mem = result["latency"], result["model_bytes"], result["memory"]
     lines.append(
         f"latency {lat['model']} ({lat['runtime']}, {lat['threads']} threads, batch 1): "

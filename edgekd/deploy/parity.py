@@ -18,7 +18,13 @@ predictor that needs them, so a device without torch checks its ONNX/TFLite file
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,7 +42,9 @@ __all__ = [
     "ParityError",
     "ParityResult",
     "Predictor",
+    "avx2_emulator",
     "check_parity",
+    "emulated_avx2_predictor",
     "measure_latency",
     "measure_parity",
     "onnx_predictor",
@@ -164,6 +172,72 @@ def onnx_predictor(
         return np.concatenate(parts)
 
     return predict
+
+
+# Run by the emulated interpreter: the model's logits and the host as the emulated
+# process sees it (its CPUID), so a caller can check that the emulation took.
+_EMULATED_RUN = """
+import json, sys
+import numpy as np
+from edgekd.deploy.host import int8_host
+from edgekd.deploy.parity import onnx_predictor
+model, x, out, host = sys.argv[1:5]
+np.save(out, onnx_predictor(model)(np.load(x)))
+open(host, "w").write(json.dumps(int8_host()))
+"""
+
+
+def avx2_emulator() -> str | None:
+    """qemu's x86-64 user-mode emulator, where this host is x86-64 and has it.
+
+    ``qemu-x86_64 -cpu max`` (QEMU ≥ 7.2, TCG) runs this very Python as a CPU with AVX2
+    and without AVX-512 or VNNI, so onnxruntime dispatches its AVX2 INT8 kernels
+    (`edgekd.deploy.host`): the way to check an INT8 model on the CPUs that saturate
+    from a host that does not (Debian: ``apt-get install qemu-user-static``).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+
+
+def emulated_avx2_predictor(
+    path: str | Path, *, emulator: str | None = None, timeout: float = 600.0
+) -> tuple[Predictor, dict[str, Any]]:
+    """A predictor that runs ``path`` with onnxruntime on an emulated AVX2 CPU without
+    VNNI (`avx2_emulator`), single-threaded, and that CPU as `int8_host` saw it.
+
+    Raises:
+        RuntimeError: no emulator here, or the emulated run failed or timed out.
+    """
+    qemu = emulator or avx2_emulator()
+    if qemu is None:
+        raise RuntimeError("no qemu-x86_64 on this x86-64 host (apt-get install qemu-user-static)")
+    seen: dict[str, Any] = {}
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out, host = Path(tmp, "x.npy"), Path(tmp, "z.npy"), Path(tmp, "host.json")
+            np.save(src, np.ascontiguousarray(x, dtype=np.float32))
+            command = [qemu, "-cpu", "max", sys.executable, "-c", _EMULATED_RUN]
+            try:
+                done = subprocess.run(
+                    [*command, str(path), str(src), str(out), str(host)],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"emulated onnxruntime run timed out after {timeout:g} s"
+                ) from None
+            if done.returncode != 0 or not out.exists():
+                tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"emulated onnxruntime run failed: {tail[0]}")
+            seen.update(json.loads(host.read_text()))
+            return np.load(out)
+
+    return predict, seen
 
 
 def _litert_interpreter(path: str | Path, threads: int) -> Any:

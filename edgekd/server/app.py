@@ -50,7 +50,11 @@ from edgekd.common.models import (
 from edgekd.common.pruning import prunable_parameters, sparsity_of
 from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
-from edgekd.deploy.quantize import int8_weight_fake_quant, quantize_onnx_int8
+from edgekd.deploy.quantize import (
+    CALIBRATION_SAMPLES,
+    int8_weight_fake_quant,
+    quantize_onnx_int8,
+)
 from edgekd.payload import record_to_state, state_to_record
 from edgekd.report import (
     dark_knowledge,
@@ -538,14 +542,61 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     save_checkpoint(int8_weight_fake_quant(student), student_spec, str(out_dir / "student.int8.pt"))
     student_onnx = export_onnx_bytes(student, data.input_shape)
     (out_dir / "student.onnx").write_bytes(student_onnx)
-    (out_dir / "student.int8.onnx").write_bytes(
-        quantize_onnx_int8(student_onnx, data.public.x[: cfg.kd.proxy_size])
-    )
+    int8_path = out_dir / "student.int8.onnx"
+    int8_path.write_bytes(quantize_onnx_int8(student_onnx, data.public.x[:CALIBRATION_SAMPLES]))
+    report["student_int8"] = check_int8_export(int8_path, student, data, teacher_test)
+    if not report["student_int8"]["ok"]:
+        log.warning("INT8 export: %s", "; ".join(report["student_int8"]["problems"]))
     write_json_atomic(out_dir / "report.json", report)
     say("fidelity reports: FP32 and INT8 ONNX student (edgekd inspect)")
     report["fidelity"] = fidelity_summaries(out_dir, cfg)
     write_json_atomic(out_dir / "report.json", report)
     return out_dir
+
+
+# The device profile whose parity gate `edgekd deploy build` applies to this export.
+INT8_GATE_PROFILE = "raspberry-pi"
+
+
+def check_int8_export(
+    int8_path: Path, student: nn.Module, data: FederatedData, teacher_test: np.ndarray
+) -> dict[str, Any]:
+    """The INT8 ONNX student scored on the devices' test split with this host's
+    onnxruntime, against the FP32 student with `INT8_GATE_PROFILE`'s thresholds, so a
+    run never leaves a broken INT8 student without saying so.
+
+    The report block: the model summary, ``parity`` (`ParityResult`), ``problems`` (each
+    missed threshold), ``ok`` and ``host`` (where it was measured, `int8_host`)."""
+    from edgekd.deploy.host import int8_host
+    from edgekd.deploy.parity import measure_parity, onnx_predictor, parity_problems
+    from edgekd.deploy.profiles import load_profile
+
+    logits = onnx_predictor(int8_path)(data.test.x)
+    parity = measure_parity(
+        logits,
+        predict_logits(student, data.test.x),
+        data.test.y,
+        model_file=int8_path.name,
+        precision="int8",
+        runtime="onnxruntime",
+    )
+    problems = parity_problems(parity, load_profile(INT8_GATE_PROFILE))
+    block = model_summary(
+        softmax_np(logits),
+        data.test.y,
+        data.num_classes,
+        params=count_params(student),
+        nbytes=int8_path.stat().st_size,
+        teacher_probs=teacher_test,
+    )
+    return {
+        **block,
+        "parity": parity.to_dict(),
+        "profile": INT8_GATE_PROFILE,
+        "problems": problems,
+        "ok": not problems,
+        "host": int8_host(),
+    }
 
 
 def communication(

@@ -60,6 +60,10 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
         ):
             assert key in report[block], (block, key)
     assert "agreement" in report["student"]
+    # The INT8 export is scored against the FP32 student, with where it was measured.
+    int8 = report["student_int8"]
+    assert int8["parity"]["samples"] == report["dataset"]["test"]
+    assert int8["ok"] == (not int8["problems"]) and int8["host"]["onnxruntime"]
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in report["rounds"])
     # Above chance (0.1) after three rounds, and no rejected or failed client.
