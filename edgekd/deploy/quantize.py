@@ -25,6 +25,9 @@ native AVX-512 VNNI vs AVX2 without VNNI (``qemu-x86_64 -cpu max``), FP32 accura
 U8U8 QDQ is exact too, but its QOperator twin saturates: which kernel runs depends on
 graph fusions the exporter does not control, while a bound on the weight codes holds
 whatever kernel runs. The seventh bit cost nothing measurable (0.8130 vs 0.8127).
+MinMax, percentile (99.99) and entropy calibration on 1 000, 2 000 or 6 000 public
+samples gave the default run's student 0.8552–0.8575 (FP32 0.8608): no method is
+better by more than what 48 more calibration samples change, so MinMax stays.
 """
 
 from __future__ import annotations
