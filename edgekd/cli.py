@@ -27,6 +27,7 @@ from edgekd.common.config import (
     ConfigError,
     EdgeKDConfig,
 )
+from edgekd.common.run_folder import RunFolderError, claim_run_folder, writable_folder
 from edgekd.deploy.bundle import BundleError
 from edgekd.orchestrate import OrchestrationError
 from edgekd.server.checkpoint import ResumeError
@@ -132,6 +133,8 @@ def continual_preflight(cfg: EdgeKDConfig) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
+    # Before Ray or any training: a finished run is never overwritten without --force.
+    claim_run_folder(cfg.out_dir, force=args.force or cfg.resume)
     if cfg.continual.scenario:
         return simulate_continual(cfg, args)
     preflight(cfg)
@@ -243,16 +246,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     run = Path(args.run) if args.run else None
     if run is not None and not (run / "report.json").exists():
         raise UsageError(f"--run {run}: no report.json there (expected a simulate run folder)")
+    if args.bootstrap < 1:
+        raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     teacher = args.teacher or (str(run / "teacher.pt") if run else None)
     student = args.student or (str(run / "student.pt") if run else None)
     if teacher is None or student is None:
         raise UsageError("give --teacher and --student, or --run RUN_DIR")
     base = EdgeKDConfig()
     if run is not None:  # the data the run was trained on, unless flags say otherwise
-        base = base.with_overrides(json.loads((run / "report.json").read_text())["config"])
+        base = base.with_overrides(run_report_config(run / "report.json"))
     flags = {"data.dataset": args.dataset, "data.data-dir": args.data_dir, "seed": args.seed}
     cfg = build_config(args.config, args.set, flags, base=base)
-    out = Path(args.out_dir or (run / "fidelity" if run else "fidelity"))
+    out = writable_folder(args.out_dir or (run / "fidelity" if run else "fidelity"), "--out")
     try:
         report = run_inspect(
             teacher,
@@ -269,6 +274,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(render_markdown(report))
     print(f"fidelity report: {out / 'fidelity.md'}")
     return 0
+
+
+def run_report_config(path: Path) -> dict[str, Any]:
+    """The ``config`` block of a run's report.json; `UsageError` naming the file when it
+    is truncated, not JSON, or has no config."""
+    try:
+        config = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} has no readable 'config' ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: 'config' is not a table of keys")
+    return config
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -339,6 +356,9 @@ def make_parser() -> argparse.ArgumentParser:
     sim.add_argument("--teacher", help="load this teacher checkpoint instead of training one")
     sim.add_argument("--out", help="run folder (runs/<timestamp>)")
     sim.add_argument(
+        "--force", action="store_true", help="overwrite a run folder that holds a run already"
+    )
+    sim.add_argument(
         "--baseline",
         action="store_true",
         help="also train FedAvg without a teacher and a server-only KD student",
@@ -391,7 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (UsageError, ConfigError, OrchestrationError, ResumeError, BundleError) as exc:
+    except (
+        UsageError,
+        ConfigError,
+        OrchestrationError,
+        ResumeError,
+        BundleError,
+        RunFolderError,
+    ) as exc:
         print(f"edgekd: error: {exc}", file=sys.stderr)
         return 2
 

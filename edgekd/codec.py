@@ -56,6 +56,7 @@ Inf — raises `edgekd.payload.PayloadError` with one line naming the array.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from collections import OrderedDict
@@ -470,25 +471,67 @@ def unpack_record(record: ArrayRecord, max_bytes: int) -> ArrayRecord:
     if inflater.unused_data:
         raise PayloadError("packed payload has trailing bytes")
     size = int.from_bytes(blob[:4], "little")
-    try:
-        entries = [(str(k), str(d), int(n)) for k, d, n in json.loads(blob[4 : 4 + size])]
-    except (ValueError, TypeError) as exc:
-        raise PayloadError(f"packed payload header does not parse: {exc}") from None
+    entries = _array_entries(blob[4 : 4 + size], "packed payload")
     out, offset = ArrayRecord(), 4 + size
     for key, dtype, nbytes in entries:
         data = blob[offset : offset + nbytes]
-        if nbytes < 0 or len(data) != nbytes:
+        if len(data) != nbytes:
             raise PayloadError(f"packed payload: array '{key}' is truncated")
-        try:
-            itemsize = np.dtype(dtype).itemsize
-        except TypeError:
-            raise PayloadError(f"packed payload: array '{key}' has dtype '{dtype}'") from None
-        count = nbytes // max(itemsize, 1)
+        count = nbytes // max(np.dtype(dtype).itemsize, 1)
         out[key] = Array(dtype=dtype, shape=(count,), stype=RAW_STYPE, data=data)
         offset += nbytes
     if offset != len(blob):
         raise PayloadError(f"packed payload: {len(blob) - offset} trailing bytes")
     return out
+
+
+# A header lists a few dozen arrays; anything larger is not one of ours.
+MAX_HEADER_BYTES = 1 << 16
+# Elements a shape manifest may ask a node to allocate (1 GiB of float32).
+MAX_MANIFEST_ELEMENTS = 1 << 28
+
+
+def _json_header(raw: bytes | str, what: str) -> object:
+    """Parsed JSON of at most `MAX_HEADER_BYTES`; `PayloadError` for anything else
+    (json raises ValueError, RecursionError on deep nesting)."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise PayloadError(f"{what}: header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError(f"{what}: header does not parse: {type(exc).__name__}") from None
+
+
+def _numeric_dtype(dtype: object, what: str) -> np.dtype:
+    try:
+        parsed = np.dtype(dtype)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise PayloadError(f"{what}: dtype {dtype!r} is not a numpy dtype") from None
+    if parsed.kind not in "biuf" or parsed.itemsize == 0:
+        raise PayloadError(f"{what}: dtype {dtype!r} is not numeric")
+    return parsed
+
+
+def _array_entries(raw: bytes | str, what: str) -> list[tuple[str, str, int]]:
+    """``[[name, dtype, nbytes], ...]`` from a header, each field checked: a string, a
+    numeric dtype, a non-negative int (not a bool, not ``Infinity``)."""
+    parsed = _json_header(raw, what)
+    if not isinstance(parsed, list):
+        raise PayloadError(f"{what}: header is not a list of arrays")
+    entries = []
+    for entry in parsed:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise PayloadError(
+                f"{what}: header entry {str(entry)[:60]} is not [name, dtype, bytes]"
+            )
+        key, dtype, nbytes = entry
+        if not isinstance(key, str) or not isinstance(dtype, str):
+            raise PayloadError(f"{what}: header entry {str(entry)[:60]} has a non-string name")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise PayloadError(f"{what}: array '{key}' claims {str(nbytes)[:30]} bytes")
+        _numeric_dtype(dtype, f"{what}: array '{key}'")
+        entries.append((key, dtype, nbytes))
+    return entries
 
 
 # ---------------------------------------------------------------------- delta
@@ -612,14 +655,22 @@ def shapes_manifest(state: Mapping[str, np.ndarray]) -> str:
 
 def reference_from_manifest(manifest: str) -> OrderedDict[str, np.ndarray]:
     """Zero arrays with the manifest's names, dtypes and shapes (for `decode_state`)."""
-    try:
-        entries = json.loads(manifest)
-        return OrderedDict(
-            (str(name), np.zeros([int(d) for d in shape], dtype=np.dtype(dtype)))
-            for name, (dtype, shape) in entries.items()
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise PayloadError(f"shape manifest does not parse: {exc}") from None
+    entries = _json_header(manifest, "shape manifest")
+    if not isinstance(entries, dict):
+        raise PayloadError("shape manifest is not an object of {name: [dtype, shape]}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    total = 0
+    for name, entry in entries.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+            raise PayloadError(f"shape manifest: '{name}' is not [dtype, shape]")
+        dtype, shape = entry
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise PayloadError(f"shape manifest: '{name}' has shape {str(shape)[:60]}")
+        total += math.prod(shape)
+        if total > MAX_MANIFEST_ELEMENTS:
+            raise PayloadError(f"shape manifest asks for over {MAX_MANIFEST_ELEMENTS} elements")
+        out[str(name)] = np.zeros(shape, dtype=_numeric_dtype(dtype, f"shape manifest: '{name}'"))
+    return out
 
 
 def is_encoded(record: ArrayRecord) -> bool:
@@ -667,12 +718,11 @@ def read_artifact(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, n
     if blob[:4] != ARTIFACT_MAGIC or len(blob) < 8:
         raise PayloadError(f"{path} is not an edgekd student artifact (bad magic)")
     size = int.from_bytes(blob[4:8], "little")
-    try:
-        header = json.loads(blob[8 : 8 + size])
-        reference = reference_from_manifest(json.dumps(header["shapes"]))
-        entries = [(str(k), str(d), int(n)) for k, d, n in header["arrays"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PayloadError(f"{path}: header does not parse: {exc}") from None
+    header = _json_header(blob[8 : 8 + size], str(path))
+    if not isinstance(header, dict) or not {"shapes", "arrays"} <= set(header):
+        raise PayloadError(f"{path}: header lacks 'shapes' and 'arrays'")
+    reference = reference_from_manifest(json.dumps(header["shapes"]))
+    entries = _array_entries(json.dumps(header["arrays"]), str(path))
     record, offset = ArrayRecord(), 8 + size
     for key, dtype, nbytes in entries:
         data = blob[offset : offset + nbytes]

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from edgekd.common.run_folder import claim_run_folder
 from edgekd.orchestrate import (
     DEFAULT_PORT,
     Connection,
@@ -66,18 +67,22 @@ def server_run_config(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     from edgekd.cli import build_config
 
     if args.resume:
-        from edgekd.server.checkpoint import load_run_checkpoint
+        from edgekd.server.checkpoint import check_resumable, load_run_checkpoint
 
         run_dir = Path(args.resume).resolve()
         checkpoint = load_run_checkpoint(run_dir)
         base = {k: v for k, v in checkpoint.config.items() if k not in ("resume", "out-dir")}
         flags = {"train.num-rounds": args.rounds, "resume": True, "out-dir": str(run_dir)}
         cfg = build_config(None, args.set, flags, base=_config_from_flat(base))
+        # Every refusal the ServerApp would make, made here: before a file is written.
+        check_resumable(checkpoint, cfg.to_flat(), run_dir)
+        claim_run_folder(run_dir, force=True, flag="--resume")  # writable
         print(f"edgekd: resuming {run_dir} after round {checkpoint.round}", flush=True)
     else:
         run_dir = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").resolve()
         flags = {"train.num-rounds": args.rounds, "out-dir": str(run_dir)}
         cfg = build_config(args.config, args.set, flags)
+        claim_run_folder(run_dir, force=args.force)
     return run_dir, cfg.to_flat()
 
 
@@ -270,6 +275,9 @@ def register(sub: Any) -> None:
     start.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     start.add_argument("--rounds", type=int, help="federated rounds (train.num-rounds)")
     start.add_argument("--out", help="run folder (runs/<timestamp>)")
+    start.add_argument(
+        "--force", action="store_true", help="overwrite a run folder that holds a run already"
+    )
     start.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its checkpoint")
     start.add_argument(
         "--listen",

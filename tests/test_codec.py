@@ -411,6 +411,13 @@ def test_packed_record_round_trips_and_is_smaller() -> None:
         assert (unpacked[key].dtype, unpacked[key].stype) == (arr.dtype, arr.stype)
 
 
+def _with_header(header: bytes) -> bytes:
+    """A deflated packed payload whose header is ``header`` and whose body is empty."""
+    import zlib
+
+    return zlib.compress(len(header).to_bytes(4, "little") + header)
+
+
 def _packed_blob(data: bytes) -> ArrayRecord:
     from edgekd.codec import PACKED_STYPE
 
@@ -426,11 +433,36 @@ def _packed_blob(data: bytes) -> ArrayRecord:
         (lambda good: good + b"junk", "trailing bytes"),
         (lambda good: b"\x00" + good, "does not inflate"),
         (lambda good: __import__("zlib").compress(b"\x05\x00\x00\x00[[1]]"), "header"),
-        (lambda good: __import__("zlib").compress(bytes(1 << 16)), "more than 4096 bytes"),
+        (lambda good: __import__("zlib").compress(bytes(1 << 18)), "more than 131072 bytes"),
+        (lambda good: _with_header(b'[["w","<f4",Infinity]]'), "claims inf bytes"),
+        (lambda good: _with_header(b'[["w","<f4",1e400]]'), "claims inf bytes"),
+        (lambda good: _with_header(b'[["w","<f4",true]]'), "claims True bytes"),
+        (lambda good: _with_header(b"[" * 5000 + b"]" * 5000), "RecursionError"),
+        (lambda good: _with_header(b'[["w","object",4]]'), "is not numeric"),
+        (lambda good: _with_header(b'{"w": 1}'), "not a list of arrays"),
+        (lambda good: _with_header(b" " * 70000 + b"[]"), "exceeds 65536"),
     ],
 )
 def test_a_corrupt_packed_payload_is_refused(blob, message: str) -> None:  # type: ignore[no-untyped-def]
     good = bytes(pack_record(encode_state(_state(0)))[PACKED_KEY].data)
 
     with pytest.raises(PayloadError, match=message):
-        unpack_record(_packed_blob(blob(good)), max_bytes=4096)
+        unpack_record(_packed_blob(blob(good)), max_bytes=1 << 17)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ('{"w": ["<f4", [1e400]]}', "has shape"),
+        ('{"w": ["<f4", [-1]]}', "has shape"),
+        ('{"w": ["<f4", [65536, 65536]]}', "over 268435456 elements"),
+        ('{"w": ["O", [2]]}', "is not numeric"),
+        ('["w"]', "is not an object"),
+        ("[" * 5000, "does not parse"),
+    ],
+)
+def test_a_hostile_shape_manifest_is_refused(manifest: str, message: str) -> None:
+    from edgekd.codec import reference_from_manifest
+
+    with pytest.raises(PayloadError, match=message):
+        reference_from_manifest(manifest)

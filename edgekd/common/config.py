@@ -10,6 +10,7 @@ defaults below are the single source of truth; ``pyproject.toml`` repeats them f
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -74,6 +75,12 @@ class TrainConfig:
     # evidence to overwrite twenty's work).
     min_fraction: float = 0.5
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean:<beta>: robust to poisoning
+    # Reply bounds (edgekd.server.replies): a reply claiming more examples is rejected
+    # (raise it for fleets with more local data), and each update's change is clipped to
+    # this multiple of the round's median change (0 = off): one x1e6 node moves the
+    # average like three honest ones, and no honest update of the default runs is clipped.
+    max_examples: int = 1_000_000
+    norm_bound: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class EdgeKDConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that is out of range."""
+        for key, value in self.to_flat().items():
+            # inf passes every "> 0" check below and then skips every round
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         d, m, t, k = self.data, self.model, self.train, self.kd
         if d.dataset not in KNOWN_DATASETS:
             raise ConfigError(
@@ -193,6 +205,8 @@ class EdgeKDConfig:
         _check(0.0 <= t.min_fraction <= 1.0, "train.min-fraction must be in [0, 1]")
         _check(not self.resume or bool(self.out_dir), "resume needs out-dir: the run to continue")
         parse_aggregation(t.aggregation)
+        _check(t.max_examples >= 1, "train.max-examples must be >= 1")
+        _check(t.norm_bound >= 0, "train.norm-bound must be >= 0 (0 disables the bound)")
         _check(k.temperature > 0, "kd.temperature must be > 0")
         _check(0.0 <= k.alpha <= 1.0, "kd.alpha must be in [0, 1]")
         _check(k.max_class_weight >= 1.0, "kd.max-class-weight must be >= 1")
@@ -317,11 +331,11 @@ def parse_aggregation(spec: str) -> tuple[str, float]:
     kind, _, arg = spec.partition(":")
     if kind in ("fedavg", "median") and not arg:
         return kind, 0.0
-    if kind == "trimmed-mean" and 0.0 <= _number(arg) < 0.5:
+    if kind == "trimmed-mean" and 0.0 < _number(arg) < 0.5:
         return kind, _number(arg)
     raise ConfigError(
         f"train.aggregation: cannot read '{spec}' (use fedavg, median or trimmed-mean:<beta>, "
-        "beta in [0, 0.5))"
+        "beta in (0, 0.5): beta 0 trims nothing)"
     )
 
 

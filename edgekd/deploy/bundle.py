@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd.common.errors import one_line_error
 from edgekd.deploy.host import int8_host
 from edgekd.deploy.parity import (
     ParityError,
@@ -450,8 +451,6 @@ def _litert_artifacts(
             int8 = export_student_tflite(model, data.input_shape, batch_size=1, int8=True)
             artifacts.insert(0, _Artifact("student_int8.tflite", int8, INFERENCE, "int8-weights"))
         except Exception as exc:  # noqa: BLE001 - any quantizer failure means "no INT8 here"
-            from edgekd.common.errors import one_line_error
-
             notes.append(
                 f"INT8-weight TFLite export unavailable ({one_line_error(exc)}); "
                 f"student.tflite (FP32, the profile's fallback precision) serves inference"
@@ -921,6 +920,10 @@ def load_bundle(path: str | Path) -> Bundle:
         target = folder / name
         if Path(name).name != name:
             raise BundleError(f"{manifest_path}: file name {name!r} is not a plain name")
+        if not isinstance(entry, dict):
+            raise BundleError(f"{manifest_path}: the entry of file {name} is not an object")
+        if "role" in entry and not isinstance(entry.get("parity"), dict | None):
+            raise BundleError(f"{manifest_path}: file {name}'s parity is not an object")
         if not target.is_file():
             raise BundleError(f"bundle {folder}: file {name} missing")
         digest = _sha256_file(target)
@@ -980,16 +983,24 @@ def check_bundle(
 
 def _check_loaded(bundle: Bundle, threads: int, runs: int) -> dict[str, Any]:
     profile = bundle.profile
-    with np.load(bundle.file(PARITY_DATA)) as stored:
-        x, y, reference = stored["x"], stored["y"], stored["logits"]
+    try:
+        with np.load(bundle.file(PARITY_DATA), allow_pickle=False) as stored:
+            x, y, reference = stored["x"], stored["y"], stored["logits"]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise BundleError(f"{PARITY_DATA}: unreadable ({type(exc).__name__}: {exc})") from None
 
     # Memory first, while the inference runtime is not yet loaded in this process.
     before = _rss_mb()
     try:
         predict, runtime, precision, note = _inference_predictor(bundle, threads)
+        predict(x[:1])
     except ImportError as exc:
         raise BundleError(f"cannot run {bundle.inference_model.name} here: {exc}") from None
-    predict(x[:1])
+    except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad files
+        raise BundleError(
+            f"{bundle.inference_model.name}: the runtime cannot load or run it "
+            f"({one_line_error(exc)})"
+        ) from None
     after = _rss_mb()
     growth = None if before is None or after is None else max(after - before, 0.0)
 
@@ -1013,6 +1024,8 @@ def _check_loaded(bundle: Bundle, threads: int, runs: int) -> dict[str, Any]:
         except ImportError as exc:
             parity[name] = {"skipped": f"runtime not installed here: {exc}"}
             continue
+        except Exception as exc:  # noqa: BLE001 - a file that verifies but does not run
+            raise BundleError(f"{name}: cannot be run here ({one_line_error(exc)})") from None
         found = parity_problems(result, profile)
         parity[name] = {**result.to_dict(), "ok": not found}
         problems += found

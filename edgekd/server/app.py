@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
+from flwr.serverapp.strategy import FedAvg, FedMedian, Result
 from torch import nn
 
 from edgekd import __version__
@@ -77,6 +77,7 @@ from edgekd.server.strategy import (
     EdgeKDStrategy,
     Masks,
     RoundLedger,
+    TrimmedMean,
     WireFormat,
     metric_value,
 )
@@ -230,6 +231,8 @@ def run_federation(
         aggregator=robust_aggregator(t.aggregation),
         node_wait=t.round_timeout,
         min_fraction=t.min_fraction,
+        max_examples=t.max_examples,
+        norm_bound=t.norm_bound,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
         min_train_nodes=t.min_nodes,
@@ -345,7 +348,7 @@ def robust_aggregator(spec: str) -> FedAvg | None:
     if kind == "median":
         return FedMedian()
     if kind == "trimmed-mean":
-        return FedTrimmedAvg(beta=beta)
+        return TrimmedMean(beta=beta)
     return None
 
 

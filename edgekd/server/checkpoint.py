@@ -143,8 +143,10 @@ def load_run_checkpoint(out_dir: Path) -> RunCheckpoint:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(arrays.pop(_META).tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise ResumeError(f"{path}: unreadable checkpoint ({exc})") from exc
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise ResumeError(f"{path}: unreadable checkpoint (its metadata is not an object)")
     if meta.get("format") != FORMAT_VERSION:
         raise ResumeError(
             f"{path}: checkpoint format {meta.get('format')!r}, this edgekd reads {FORMAT_VERSION}"
@@ -153,17 +155,22 @@ def load_run_checkpoint(out_dir: Path) -> RunCheckpoint:
     def section(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-    return RunCheckpoint(
-        round=int(meta["round"]),
-        state=section(_STATE),
-        rounds=list(meta["rounds"]),
-        teacher_sha256=str(meta["teacher_sha256"]),
-        config=dict(meta["config"]),
-        pruner=section(_PRUNER),
-        pruner_initial_round=int(meta.get("pruner_initial_round", 0)),
-        rng={**meta.get("rng", {}), **section(_RNG)},
-        extra=dict(meta.get("extra", {})),
-    )
+    try:
+        return RunCheckpoint(
+            round=int(meta["round"]),
+            state=section(_STATE),
+            rounds=list(meta["rounds"]),
+            teacher_sha256=str(meta["teacher_sha256"]),
+            config=dict(meta["config"]),
+            pruner=section(_PRUNER),
+            pruner_initial_round=int(meta.get("pruner_initial_round", 0)),
+            rng={**meta.get("rng", {}), **section(_RNG)},
+            extra=dict(meta.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ResumeError(
+            f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def check_resumable(ckpt: RunCheckpoint, config: Mapping[str, Any], where: Path) -> None:

@@ -67,6 +67,9 @@ from edgekd.server.teacher import obtain_teacher
 
 log = logging.getLogger("edgekd")
 
+# What a continual node reports (client/continual_client.py).
+CONTINUAL_METRIC_KEYS = frozenset({R.TRAIN_LOSS, R.PENALTY, R.NUM_EXAMPLES})
+
 __all__ = [
     "ContinualStrategy",
     "StreamTracker",
@@ -115,6 +118,7 @@ class ContinualStrategy(EdgeKDStrategy):
         proxy_record: ArrayRecord | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("train_metric_keys", CONTINUAL_METRIC_KEYS)
         super().__init__(**kwargs)  # the parent's proxy_record would go out every round
         self.schedule = schedule
         self.method = method
@@ -298,6 +302,8 @@ def run_method(
         proxy_record=proxy_record if method == "teacher-kd" else None,
         reference_state=reference,
         node_wait=t.round_timeout,
+        max_examples=t.max_examples,
+        norm_bound=t.norm_bound,
         fraction_train=t.fraction_train,
         fraction_evaluate=0.0,  # the server scores every task itself
         min_train_nodes=t.min_nodes,

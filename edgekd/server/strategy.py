@@ -8,12 +8,17 @@ pattern):
   each message carries;
 * both ``configure_*`` hooks wait a bounded time for nodes (Flower's sampler waits
   forever) and go on with the nodes that came;
-* ``aggregate_train`` rejects replies that fail validation (NaN/Inf, wrong names,
-  shapes or dtypes) with a logged reason, puts the rest in a content order (so the
-  float32 sum does not depend on which node answered first), lets FedAvg (or a
-  robust Flower strategy passed as ``aggregator``: FedMedian, FedTrimmedAvg) average
-  the rest when at least ``min_fraction`` of the asked nodes sent a valid update,
-  applies an optional server-side step (FedDF-style distillation), and counts upload bytes;
+* ``aggregate_train`` rejects replies that fail validation (`edgekd.server.replies`:
+  the record layout, finite metrics, ``num-examples`` in bounds; then NaN/Inf, wrong
+  names, shapes or dtypes, a payload that does not decode) with a logged reason,
+  bounds each update's norm and weight against the round's median, puts the rest in a
+  content order (so the float32 sum does not depend on which node answered first),
+  lets FedAvg (or a robust Flower strategy passed as ``aggregator``: FedMedian,
+  FedTrimmedAvg) average the rest when at least ``min_fraction`` of the asked nodes
+  sent a valid update, applies an optional server-side step (FedDF-style
+  distillation), and counts upload bytes. Whatever the averaging or that step raises,
+  or a non-finite result, skips the round with the global student kept — never the run;
+* ``aggregate_evaluate`` validates evaluation replies the same way;
 * ``start`` is Flower's round loop with two additions a restartable server needs: it
   can begin at a later round (``first_round``, after a resume) and it hands every
   finished round to ``on_round_end`` (the checkpoint).
@@ -28,11 +33,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Result
 
 from edgekd.codec import (
     Held,
@@ -55,6 +61,14 @@ from edgekd.payload import (
     record_nbytes,
     record_to_state,
     state_to_record,
+)
+from edgekd.server.replies import (
+    EVALUATE_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    bounded_weights,
+    check_reply_layout,
+    checked_metrics,
+    clip_update_norms,
 )
 
 log = logging.getLogger("edgekd")
@@ -111,7 +125,9 @@ class RoundLedger:
     missing: int = 0  # training instructions that got no reply before the timeout
     failures: int = 0
     rejected: int = 0
-    skipped: int = 0  # 1 when too few valid updates came and the round kept the old student
+    clipped: int = 0  # accepted updates whose norm was scaled down to the round's bound
+    eval_rejected: int = 0  # evaluation replies that failed validation
+    skipped: int = 0  # 1 when the round kept the old student (too few updates, or it failed)
     reasons: list[str] = field(default_factory=list)
 
     def counters(self) -> dict[str, int]:
@@ -137,6 +153,13 @@ def _reply_digest(msg: Message) -> str:
     return digest.hexdigest()
 
 
+def _require_finite(arrays: ArrayRecord, what: str) -> None:
+    for name, arr in arrays.items():
+        value = arr.numpy()
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise FloatingPointError(f"{what} holds NaN or Inf in '{name}'")
+
+
 def masks_version(masks: Masks) -> str:
     """A short content hash of the masks, so nodes can cache them between rounds."""
     if not masks:
@@ -146,6 +169,24 @@ def masks_version(masks: Masks) -> str:
         digest.update(name.encode())
         digest.update(np.packbits(np.asarray(masks[name], dtype=bool).ravel()).tobytes())
     return digest.hexdigest()[:16]
+
+
+class TrimmedMean(FedTrimmedAvg):
+    """Flower's FedTrimmedAvg that trims at least one update at each end once three or
+    more arrive: with ``⌊β·n⌋ = 0`` (β = 0.2 and four updates) it would trim nothing and
+    average a poisoned update in. Coordinate-wise trimmed mean: Yin et al., ICML 2018."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        configured, n = self.beta, len(replies)
+        if n >= 3 and int(configured * n) == 0:
+            self.beta = 1.0 / n + 1e-9  # int(beta * n) == 1, and 1/n < 0.5
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self.beta = configured
 
 
 class EdgeKDStrategy(FedAvg):
@@ -163,11 +204,22 @@ class EdgeKDStrategy(FedAvg):
         aggregator: FedAvg | None = None,
         node_wait: float = 600.0,
         min_fraction: float = 0.0,
+        max_examples: int = 1_000_000,
+        norm_bound: float = 0.0,
+        train_metric_keys: frozenset[str] = TRAIN_METRIC_KEYS,
+        evaluate_metric_keys: frozenset[str] = EVALUATE_METRIC_KEYS,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.node_wait = node_wait
         self.min_fraction = min_fraction
+        # Reply validation (edgekd.server.replies): the metrics each kind of reply
+        # carries, the largest num-examples believed, and the update-norm bound
+        # (a multiple of the round's median change; 0 = off).
+        self.max_examples = max_examples
+        self.norm_bound = norm_bound
+        self.train_metric_keys = train_metric_keys
+        self.evaluate_metric_keys = evaluate_metric_keys
         self.reference_state = dict(reference_state)
         self.teacher_record = teacher_record
         self.proxy_record = proxy_record
@@ -413,21 +465,47 @@ class EdgeKDStrategy(FedAvg):
     ) -> MetricRecord | None:
         replies = list(replies)
         wire = self._rounds.get(server_round)
+        ledger = self.ledger.setdefault(server_round, RoundLedger())
         self._settle_states(replies)
+        valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self._node_masks.pop(node, None)
-            elif wire is not None and wire.version:
+                continue
+            if wire is not None and wire.version:
                 self._node_masks[node] = wire.version
-        return super().aggregate_evaluate(server_round, replies)
+            try:
+                check_reply_layout(msg, None)
+                metrics = checked_metrics(
+                    msg.content.metric_records[R.METRICS],
+                    self.evaluate_metric_keys,
+                    self.max_examples,
+                )
+            except PayloadError as exc:
+                ledger.eval_rejected += 1
+                ledger.reasons.append(f"node {node} (evaluate): {exc}")
+                log.warning(
+                    "round %d: rejected evaluation from node %d: %s", server_round, node, exc
+                )
+                continue
+            msg.content = RecordDict({R.METRICS: metrics})
+            valid.append(msg)
+        if not valid:
+            return None
+        try:
+            return super().aggregate_evaluate(server_round, valid)
+        except Exception as exc:  # noqa: BLE001 - federated metrics never end a run
+            ledger.reasons.append(f"evaluation aggregate: {exc}")
+            log.warning("round %d: evaluation metrics not aggregated: %s", server_round, exc)
+            return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         wire = self._rounds.get(server_round) or _RoundWire(dict(self.reference_state), {}, "")
-        accepted: list[Message] = []
+        accepted: list[tuple[Message, dict[str, np.ndarray], MetricRecord]] = []
         replies = list(replies)
         self._settle_states(replies)
         for msg in replies:
@@ -438,32 +516,23 @@ class EdgeKDStrategy(FedAvg):
                 ledger.reasons.append(f"node {node}: {msg.error.reason}")
                 self._node_masks.pop(node, None)  # it may have lost its cache
                 continue
-            record = msg.content.array_records.get(self.arrayrecord_key)
             try:
-                if record is None:
-                    raise PayloadError("reply carries no model arrays")
-                ledger.bytes_up += record_nbytes(record)
-                decoded = self._decode_reply(record, wire)
-                check_update(decoded, wire.sent)
-                if self.weighted_by_key not in msg.content.metric_records.get(
-                    R.METRICS, MetricRecord()
-                ):
-                    raise PayloadError(f"metrics lack '{self.weighted_by_key}'")
-            except PayloadError as exc:
+                state, reported = self._checked_update(msg, wire, ledger)
+            except Exception as exc:  # noqa: BLE001 - any reply that breaks a check is one rejected reply
+                reason = (
+                    str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"
+                )
                 ledger.rejected += 1
-                ledger.reasons.append(f"node {node}: {exc}")
-                log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
+                ledger.reasons.append(f"node {node}: {reason}")
+                log.warning(
+                    "round %d: rejected update from node %d: %s", server_round, node, reason
+                )
                 continue
             self._nodes_with_teacher.add(node)
             if wire.version:
                 self._node_masks[node] = wire.version
-            msg.content = RecordDict({**dict(msg.content.items()), self.arrayrecord_key: decoded})
-            accepted.append(msg)
+            accepted.append((msg, state, reported))
         ledger.missing = max(ledger.messages - ledger.replies, 0)
-        # Flower sums the weighted updates in float32 in list order, and replies come
-        # in whatever order the nodes finished: sorting by content makes the average
-        # (and so a whole simulation) bit-reproducible.
-        accepted.sort(key=_reply_digest)
         needed = max(math.ceil(self.min_fraction * ledger.messages), 1)
         if len(accepted) < needed:
             ledger.skipped = 1
@@ -477,18 +546,78 @@ class EdgeKDStrategy(FedAvg):
                 self.min_fraction,
             )
             return None, None
-        if self.aggregator is not None:
-            arrays, metrics = self.aggregator.aggregate_train(server_round, accepted)
-        else:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is not None:
-            self.reference_state = record_to_state(arrays)
-        if arrays is not None and self.post_aggregate is not None:
-            arrays = self.post_aggregate(server_round, arrays, wire.masks)
+        messages = self._bounded(accepted, wire, ledger)
+        # Flower sums the weighted updates in float32 in list order, and replies come
+        # in whatever order the nodes finished: sorting by content makes the average
+        # (and so a whole simulation) bit-reproducible.
+        messages.sort(key=_reply_digest)
+        aggregate = (
+            self.aggregator.aggregate_train
+            if self.aggregator is not None
+            else super().aggregate_train
+        )
+        try:
+            arrays, metrics = aggregate(server_round, messages)
+            if arrays is None:
+                raise ValueError("the aggregator returned no model")
+            _require_finite(arrays, "the average")
+            averaged = record_to_state(arrays)
+            if self.post_aggregate is not None:
+                arrays = self.post_aggregate(server_round, arrays, wire.masks)
+                _require_finite(arrays, "the server's step after averaging")
+        except Exception as exc:  # noqa: BLE001 - a failed aggregation costs a round, not the run
+            ledger.skipped = 1
+            ledger.reasons.append(f"aggregation: {type(exc).__name__}: {exc}")
+            log.warning(
+                "round %d: aggregation failed (%s: %s); the global student stays as it was",
+                server_round,
+                type(exc).__name__,
+                exc,
+            )
+            return None, None
+        self.reference_state = averaged
         if metrics is not None:
             metrics["rejected"] = ledger.rejected
             metrics["failures"] = ledger.failures
         return arrays, metrics
+
+    def _checked_update(
+        self, msg: Message, wire: _RoundWire, ledger: RoundLedger
+    ) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        """A training reply's decoded student and metrics; raises on anything invalid."""
+        record = msg.content.array_records.get(self.arrayrecord_key)
+        if record is None:
+            raise PayloadError("reply carries no model arrays")
+        ledger.bytes_up += record_nbytes(record)
+        check_reply_layout(msg, self.arrayrecord_key)
+        metrics = checked_metrics(
+            msg.content.metric_records[R.METRICS], self.train_metric_keys, self.max_examples
+        )
+        decoded = self._decode_reply(record, wire)
+        check_update(decoded, wire.sent)
+        return dict(record_to_state(decoded)), metrics
+
+    def _bounded(
+        self,
+        accepted: list[tuple[Message, dict[str, np.ndarray], MetricRecord]],
+        wire: _RoundWire,
+        ledger: RoundLedger,
+    ) -> list[Message]:
+        """The accepted replies as the aggregator sees them: each update's change
+        clipped to ``norm_bound`` times the round's median, each weight to
+        `~edgekd.server.replies.WEIGHT_CAP` times the median, and nothing else in them."""
+        base = wire.master if wire.master is not None else wire.sent
+        states, scales = clip_update_norms((s for _, s, _ in accepted), base, self.norm_bound)
+        ledger.clipped = sum(scale < 1.0 for scale in scales)
+        weights = bounded_weights([int(cast(int, m[R.NUM_EXAMPLES])) for _, _, m in accepted])
+        out = []
+        for (msg, _, metrics), state, weight in zip(accepted, states, weights, strict=True):
+            bounded = MetricRecord({**dict(metrics.items()), R.NUM_EXAMPLES: weight})
+            msg.content = RecordDict(
+                {self.arrayrecord_key: state_to_record(state), R.METRICS: bounded}
+            )
+            out.append(msg)
+        return out
 
     def _decode_reply(self, record: ArrayRecord, wire: _RoundWire) -> ArrayRecord:
         """A reply's student as plain FP32 arrays; `PayloadError` if it does not decode."""

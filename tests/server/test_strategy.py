@@ -17,11 +17,14 @@ from edgekd.server.strategy import EdgeKDStrategy, WireFormat
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
 
+def _metrics(n: int = 10) -> MetricRecord:
+    """What a training node reports (edgekd.server.replies.TRAIN_METRIC_KEYS)."""
+    return MetricRecord({R.TRAIN_LOSS: 1.0, "temperature": 4.0, R.NUM_EXAMPLES: n})
+
+
 def _update(value: float, n: int = 10) -> RecordDict:
     state = {k: np.full_like(v, value) for k, v in REFERENCE.items()}
-    return RecordDict(
-        {R.ARRAYS: state_to_record(state), R.METRICS: MetricRecord({R.NUM_EXAMPLES: n})}
-    )
+    return RecordDict({R.ARRAYS: state_to_record(state), R.METRICS: _metrics(n)})
 
 
 def _strategy(**kwargs: object) -> EdgeKDStrategy:
@@ -181,7 +184,7 @@ def _node(handler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> 
                 RecordDict(
                     {
                         R.ARRAYS: state_to_record(handler(state)),
-                        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 10}),
+                        R.METRICS: _metrics(),
                     }
                 ),
                 reply_to=inner,
