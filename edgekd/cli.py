@@ -73,6 +73,7 @@ def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
         "out-dir": args.out,
         "baseline": True if args.baseline else None,
         "model.teacher-path": args.teacher,
+        "faults": args.faults,
         "continual.scenario": args.scenario,
         "continual.tasks": args.tasks,
         "continual.rounds-per-task": args.rounds_per_task,
@@ -314,7 +315,26 @@ def print_summary(report: dict[str, Any]) -> None:
     int8 = report.get("student_int8")
     if int8 is not None:
         print(int8_verdict(int8))
+    if report["config"].get("faults"):
+        print(fault_drill_summary(report["config"]["faults"], report["rounds"]))
     print()
+
+
+def fault_drill_summary(plan: str, rounds: list[dict[str, Any]]) -> str:
+    """Per round: replies rejected, updates clipped, and why (each distinct reason once,
+    with how many nodes gave it)."""
+    import re
+    from collections import Counter
+
+    lines = [f"fault drill {plan!r}: per round rejected / clipped / skipped, and why"]
+    for r in rounds[1:]:
+        why = Counter(re.sub(r"^node \d+(?: \(evaluate\))?: ", "", x) for x in r.get("reasons", []))
+        reasons = "; ".join(f"{n}x {text}" for text, n in why.most_common())
+        lines.append(
+            f"  round {r['round']:>3}: {r['rejected']} / {r.get('clipped', 0)} / {r['skipped']}"
+            + (f"  ({reasons})" if reasons else "")
+        )
+    return "\n".join(lines)
 
 
 def int8_verdict(int8: dict[str, Any]) -> str:
@@ -362,6 +382,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--baseline",
         action="store_true",
         help="also train FedAvg without a teacher and a server-only KD student",
+    )
+    sim.add_argument(
+        "--faults",
+        metavar="FAULT=SHARE,...",
+        help="fault drill: a share of the nodes misbehave from round 1, e.g. "
+        "'scale:1e6=0.1,nan=0.05,examples:1e9=0.05' (scale:<k>, nan, examples:<n>)",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
     cont = sim.add_argument_group("continual learning (tasks arrive one after another)")

@@ -208,7 +208,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     if args.bundle:
         from edgekd.deploy.bundle import load_bundle
 
-        bundle = load_bundle(Path(args.bundle))
+        bundle = load_bundle(Path(args.bundle), verify_key=args.verify_key)
         node_config["bundle"] = str(bundle.path.resolve())
         client = _bundle_client_settings(bundle.path)
         print(f"edgekd: bundle {bundle.path} verified ({bundle.profile.name})", flush=True)
@@ -317,6 +317,9 @@ def register(sub: Any) -> None:
     cstart = csub.add_parser("start", help="run a SuperNode with the edgekd ClientApp")
     cstart.add_argument("--superlink", help="the server's HOST:PORT (default: the bundle's)")
     cstart.add_argument("--bundle", help="a device bundle from `edgekd deploy build`")
+    cstart.add_argument(
+        "--verify-key", help="public key the bundle's manifest must be signed with (--bundle)"
+    )
     cstart.add_argument("--root-cert", help="the CA certificate (ca.crt) for TLS")
     cstart.add_argument("--key", help="this node's private key (node authentication)")
     cstart.add_argument("--insecure", action="store_true", help="no TLS: local tests only")

@@ -29,7 +29,7 @@ from edgekd.client.edge_client import (
     handle_edge_train,
     torch_placement,
 )
-from edgekd.client.faults import fault_injection_mod
+from edgekd.client.faults import make_fault_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
@@ -153,12 +153,17 @@ def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Messag
 
 def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
-    # The codec is outermost: the fault drill (inert unless the node config asks for
-    # it) sees plain arrays.
-    client_app = ClientApp(mods=[payload_codec_mod, fault_injection_mod])
 
     def config_of(context: Context) -> EdgeKDConfig:
         return cfg if cfg is not None else EdgeKDConfig.from_run_config(context.run_config)
+
+    def fault_plan(context: Context) -> tuple[str, int]:
+        run_cfg = config_of(context)
+        return run_cfg.faults, run_cfg.seed
+
+    # The codec is outermost: the fault drill (inert unless the node config or the
+    # run's `faults` asks for it) sees plain arrays.
+    client_app = ClientApp(mods=[payload_codec_mod, make_fault_mod(fault_plan)])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

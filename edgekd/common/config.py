@@ -140,6 +140,9 @@ class EdgeKDConfig:
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
     resume: bool = False  # continue the run in out-dir from its last checkpoint
+    # Simulation fault drill (edgekd.client.faults): "scale:1e6=0.1,nan=0.05" gives 10 %
+    # of the nodes x1e6 updates and 5 % NaN ones from round 1; "" for none.
+    faults: str = ""
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -205,6 +208,7 @@ class EdgeKDConfig:
         _check(0.0 <= t.min_fraction <= 1.0, "train.min-fraction must be in [0, 1]")
         _check(not self.resume or bool(self.out_dir), "resume needs out-dir: the run to continue")
         parse_aggregation(t.aggregation)
+        parse_fault_plan(self.faults)
         _check(t.max_examples >= 1, "train.max-examples must be >= 1")
         _check(t.norm_bound >= 0, "train.norm-bound must be >= 0 (0 disables the bound)")
         _check(k.temperature > 0, "kd.temperature must be > 0")
@@ -337,6 +341,39 @@ def parse_aggregation(spec: str) -> tuple[str, float]:
         f"train.aggregation: cannot read '{spec}' (use fedavg, median or trimmed-mean:<beta>, "
         "beta in (0, 0.5): beta 0 trims nothing)"
     )
+
+
+def parse_fault(spec: str) -> tuple[str, float]:
+    """``"scale:<k>"`` -> ("scale", k); ``"examples:<n>"`` -> ("examples", n);
+    ``"delay:<s>"`` -> ("delay", s); ``"nan"`` -> ("nan", 0); ``""`` -> ("", 0)."""
+    kind, _, value = spec.partition(":")
+    if kind in ("scale", "examples", "delay"):
+        try:
+            return kind, float(value)
+        except ValueError:
+            raise ConfigError(f"fault '{spec}' needs a number: {kind}:1e6") from None
+    if kind in ("", "nan") and not value:
+        return kind, 0.0
+    raise ConfigError(f"unknown fault '{spec}' (use scale:<k>, examples:<n>, delay:<s> or nan)")
+
+
+def parse_fault_plan(spec: str) -> list[tuple[str, float]]:
+    """``"scale:1e6=0.1,nan=0.05"`` -> ``[("scale:1e6", 0.1), ("nan", 0.05)]``: each fault
+    (as `parse_fault` reads it) with the share of nodes that get it; shares sum to <= 1."""
+    plan = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        fault, eq, share = item.rpartition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not eq or not 0.0 < value <= 1.0:
+            raise ConfigError(f"faults: '{item}' is not FAULT=SHARE with a share in (0, 1]")
+        parse_fault(fault)
+        plan.append((fault, value))
+    if sum(share for _, share in plan) > 1.0 + 1e-9:
+        raise ConfigError(f"faults: the shares of '{spec}' add up to more than 1")
+    return plan
 
 
 def parse_prune(spec: str) -> tuple[str, float]:

@@ -65,6 +65,7 @@ from edgekd.deploy.parity import (
 )
 from edgekd.deploy.profiles import DeviceProfile, ProfileError, load_profile, profile_from_dict
 from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
+from edgekd.deploy.signing import SignatureError, sign_manifest, verify_manifest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -169,6 +170,7 @@ def build_bundle(
     data_dir: str = DEFAULT_DEVICE_DATA_DIR,
     run_dir: str | Path | None = None,
     force: bool = False,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Build the bundle of ``model_path`` for ``target`` into ``out_dir``; return its path.
 
@@ -183,6 +185,7 @@ def build_bundle(
             checkpoint's folder).
         force: Replace an existing bundle in ``out_dir`` (only once the new one is
             complete); a non-empty folder that is not a bundle is never replaced.
+        sign_key: Private key that signs ``manifest.json`` (`edgekd.deploy.signing`).
 
     Raises:
         BundleError: unreadable checkpoint, a student that does not fit the run's data,
@@ -253,6 +256,11 @@ def build_bundle(
             notes=notes,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if sign_key is not None:
+            try:
+                sign_manifest(tmp, Path(sign_key))
+            except SignatureError as exc:
+                raise BundleError(str(exc)) from None
         _install(tmp, out, force)
     finally:
         if tmp.exists():
@@ -883,14 +891,17 @@ def _manifest(
 _REQUIRED = ("format_version", "target", "profile", "inference_model", "model", "files")
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, *, verify_key: str | Path | None = None) -> Bundle:
     """Read and verify a bundle folder.
+
+    ``verify_key``: a public key; the manifest must be signed by it
+    (`edgekd.deploy.signing`), checked before anything in it is trusted.
 
     Raises:
         BundleError: no folder or manifest, malformed JSON, an unknown format version, a
-            missing key, or a listed file that is missing or changed (its sha256
-            differs); the message names the file. Files the manifest does not list (logs,
-            say) are ignored.
+            missing key, a listed file that is missing or changed (its sha256
+            differs), or (with ``verify_key``) a missing or wrong signature; the message
+            names the file. Files the manifest does not list (logs, say) are ignored.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -898,6 +909,11 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{folder}: {MANIFEST} missing (not a bundle?)")
+    if verify_key is not None:
+        try:
+            verify_manifest(folder, Path(verify_key))
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from None
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -952,7 +968,11 @@ def _rss_mb() -> float | None:
 
 
 def check_bundle(
-    path: str | Path, *, threads: int | None = None, runs: int = 200
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    runs: int = 200,
+    verify_key: str | Path | None = None,
 ) -> dict[str, Any]:
     """Verify ``path`` (`load_bundle`), re-run parity on the shipped test samples with this
     host's runtimes, and time the inference model at batch 1.
@@ -962,10 +982,11 @@ def check_bundle(
     elsewhere) is reported as skipped with the reason. The result's ``ok`` is False when a
     parity threshold or a budget is missed; ``problems`` says which and by how much.
     """
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, verify_key=verify_key)
     threads = threads or bundle.profile.threads
+    signature = {"signature": "verified" if verify_key is not None else "not checked"}
     if bundle.inference_model.suffix != ".pt":
-        return _check_loaded(bundle, threads, runs)
+        return {**_check_loaded(bundle, threads, runs), **signature}
     try:
         import torch  # the torch backend: its intra-op threads are process-wide
     except ImportError:
@@ -976,7 +997,7 @@ def check_bundle(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _check_loaded(bundle, threads, runs)
+        return {**_check_loaded(bundle, threads, runs), **signature}
     finally:
         torch.set_num_threads(before)
 

@@ -51,12 +51,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="run folder whose report.json gives the data config (default: the model's folder)",
     )
     build.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    build.add_argument(
+        "--sign-key", help="private key (EC or Ed25519) that signs the manifest: manifest.sig"
+    )
     build.set_defaults(func=cmd_build)
 
     check = sub.add_parser("check", help="verify a bundle, re-run parity, time it on this host")
     check.add_argument("bundle", help="bundle folder")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.add_argument("--threads", type=int, help="runtime threads (the profile's)")
+    check.add_argument("--verify-key", help="public key the manifest must be signed with")
     check.set_defaults(func=cmd_check)
     return deploy
 
@@ -86,6 +90,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             run_dir=args.run,
             force=args.force,
+            sign_key=args.sign_key,
         )
         bundle = load_bundle(out)
     except (BundleError, ParityError, ProfileError) as exc:
@@ -106,7 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
     try:
-        result = check_bundle(args.bundle, threads=args.threads)
+        result = check_bundle(args.bundle, threads=args.threads, verify_key=args.verify_key)
     except BundleError as exc:
         return _fail(_one_line(exc))
     if args.json:
@@ -152,6 +157,7 @@ def render_check(result: dict[str, Any]) -> str:
             f"  {'yes' if p['ok'] else 'NO'}"
         )
     build = result.get("build_host")
+    lines.append(f"signature: {result.get('signature', 'not checked')}")
     lines.append(f"this host:  {describe_host(result['host'])}")
     lines.append(
         f"build host: {describe_host(build)} (the manifest's parity)"

@@ -249,6 +249,8 @@ def run_federation(
             "round": rnd,
             **tracker.results.get(rnd, {}),
             **strategy.ledger.get(rnd, RoundLedger()).counters(),
+            # why replies were rejected or the round skipped, node by node
+            "reasons": strategy.ledger.get(rnd, RoundLedger()).reasons[:MAX_REASONS],
             # round 0: the student entering round 1 (pruned already with start-round 0)
             "sparsity": _round_sparsity(strategy, rnd) if rnd else start_sparsity,
             "train_loss": metric_value(result.train_metrics_clientapp.get(rnd), R.TRAIN_LOSS),
@@ -557,6 +559,8 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     return out_dir
 
 
+# Reasons kept per round record: enough to see every kind of fault in a drill.
+MAX_REASONS = 50
 # The device profile whose parity gate `edgekd deploy build` applies to this export.
 INT8_GATE_PROFILE = "raspberry-pi"
 

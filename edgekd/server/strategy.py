@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Result
 
 from edgekd.codec import (
+    MASK_SUFFIX,
     Held,
     decode_delta,
     decode_state,
@@ -629,6 +630,9 @@ class EdgeKDStrategy(FedAvg):
             for name, mask in wire.masks.items():  # it cannot un-prune a weight
                 state[name] = np.where(mask, state[name], np.zeros_like(state[name]))
         elif self.wire.upload == "fp32":
+            if any(key.endswith(MASK_SUFFIX) for key in record.keys()):
+                # it could un-prune weights with a mask of its own
+                raise PayloadError("a reply may not carry pruning masks: they are the server's")
             state, _ = decode_state(record, wire.sent, known_masks=wire.masks)
         else:
             state = decode_delta(record, wire.sent, masks=wire.masks)

@@ -16,6 +16,7 @@ import pytest
 from fleet import Fleet, accuracies  # tests/integration/fleet.py
 
 from edgekd.server.certs import make_certificates, make_node_keys
+from edgekd.server.checkpoint import load_run_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -95,25 +96,41 @@ def test_node_auth_refuses_an_unregistered_key(
     assert "No SuperNode found with the given public key" in refusals
 
 
-def test_a_node_killed_mid_run_is_counted_and_the_run_completes(
+def test_a_node_killed_in_flight_is_missing_and_tls_refuses_strangers(
     fleet_env: tuple[dict[str, str], str], tmp_path: Path
 ) -> None:
+    # Prepare: three honest nodes and a straggler that holds each training reply 20 s,
+    # so that it is killed with its round-2 reply in flight; and two nodes the TLS
+    # SuperLink must refuse: one trusting another CA, one without TLS.
     env, tag_var = fleet_env
     fleet = _fleet(tmp_path, env, tag_var)
-    nodes = [fleet.node(p) for p in HONEST]
-    # Two rounds: the node dies after round 1; round 2 waits for it at most 45 s.
+    for p in HONEST:
+        fleet.node(p)
+    straggler = fleet.node(3, fault="delay:20", name="straggler")
+    strangers = _fleet(tmp_path / "strangers", env, tag_var)  # TLS files of another CA,
+    strangers.port = fleet.port  # dialling this SuperLink
+    wrong_ca = strangers.node(4, name="wrong-ca")
+    strangers.certs = None
+    insecure = strangers.node(4, name="insecure")
+    settings = ("--set", "train.min-fraction=0.5", "--set", "train.round-timeout=45")
     server = fleet.server(
-        tmp_path / "run",
-        *("--rounds", "2", "--set", "train.min-fraction=0.5", "--set", "train.round-timeout=45"),
+        tmp_path / "run", "--rounds", "2", "--set", "train.min-nodes=4", *settings
     )
-    fleet.wait_for_checkpoint(tmp_path / "run", 1, timeout=200)
-    Fleet.kill(nodes[2])
 
+    # Execute: kill the straggler once round 1 is checkpointed: round 2 has begun and
+    # its reply is at most 3 s into its 20 s delay.
+    fleet.wait_for_checkpoint(tmp_path / "run", 1, timeout=200)
+    Fleet.kill(straggler)
+
+    # Assert: round 1 heard all four; round 2 asked four and got three, the run went on.
     assert fleet.wait(server, timeout=400) == 0, fleet.logs()
-    rounds = fleet.report(tmp_path / "run")["rounds"]
-    lost = sum(r["missing"] + r["failures"] for r in rounds)
-    assert lost >= 1, rounds
-    assert rounds[-1]["skipped"] == 0  # two of three is above train.min-fraction
+    first, second = fleet.report(tmp_path / "run")["rounds"][1:]
+    assert (first["messages"], first["replies"], first["missing"]) == (4, 4, 0), first
+    assert (second["messages"], second["replies"]) == (4, 3), second
+    assert second["missing"] + second["failures"] == 1 and second["skipped"] == 0, second
+    # Four messages a round: neither stranger was ever a node of this SuperLink.
+    for stranger in (wrong_ca, insecure):
+        Fleet.kill(stranger)
 
 
 def test_a_killed_server_resumes_and_matches_the_uninterrupted_run(
@@ -130,6 +147,7 @@ def test_a_killed_server_resumes_and_matches_the_uninterrupted_run(
     server = fleet.server(out)
     fleet.wait_for_checkpoint(out, 2, timeout=250)
     Fleet.kill(server)
+    killed = load_run_checkpoint(out)
 
     # Execute
     report = fleet.run(out, "--resume", str(out))
@@ -138,6 +156,11 @@ def test_a_killed_server_resumes_and_matches_the_uninterrupted_run(
     _, reference = clean_run
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
     assert abs(report["student"]["accuracy"] - reference["student"]["accuracy"]) <= 0.005
+    # It resumed, not re-ran: the records of the checkpointed rounds (their wall times
+    # included) are the killed run's, and the log says where it went on from.
+    assert report["rounds"][: killed.round + 1] == killed.rounds
+    log = (tmp_path / f"server-{out.name}.log").read_text()
+    assert f"resuming {out} after round {killed.round}" in log
 
 
 def test_robust_aggregation_holds_against_a_poisoned_and_a_nan_node(

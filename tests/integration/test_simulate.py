@@ -192,3 +192,27 @@ def test_simulate_with_the_lean_wire_over_ray(tmp_path: Path) -> None:
         # INT4 codes: half a byte per kept weight, plus a few scales and the header
         assert r["bytes_up"] < r["replies"] * student["nonzero_params"] * 0.6
     assert student["accuracy"] > 0.3
+
+
+def test_simulate_fault_drill_rejects_and_clips_and_finishes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: 10 nodes, one each scaling by 1e6, sending NaN and claiming 1e9 examples.
+    out = tmp_path / "run"
+    faults = "scale:1e6=0.1,nan=0.1,examples:1e9=0.1"
+    argv = ["simulate", "--num-clients", "10", "--rounds", "2", "--faults", faults]
+
+    # Execute
+    code = main([*argv, "--out", str(out), *SMALL, "--set", "train.fraction-evaluate=0"])
+
+    # Assert: every round rejected the NaN and the 1e9 nodes and clipped the scaled one.
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for r in report["rounds"][1:]:
+        assert (r["messages"], r["rejected"], r["skipped"]) == (10, 2, 0), r
+        assert r["clipped"] >= 1
+        assert any("holds NaN or Inf" in why for why in r["reasons"]), r["reasons"]
+        assert any("num-examples 1000000000" in why for why in r["reasons"]), r["reasons"]
+    assert math.isfinite(report["student"]["accuracy"]) and report["student"]["accuracy"] > 0.3
+    printed = capsys.readouterr().out
+    assert f"fault drill '{faults}'" in printed and "round   2: 2 / " in printed

@@ -274,6 +274,34 @@ def test_a_corrupt_payload_is_rejected_and_the_round_goes_on() -> None:
     np.testing.assert_allclose(final["b"], 1.1, atol=1.1 / 127)  # node 3 alone
 
 
+def test_an_upload_with_its_own_mask_cannot_unprune_weights() -> None:
+    # Prepare: node 1 re-encodes its update with an all-kept mask of its own, pushing
+    # every weight (pruned ones too) to 0.3; node 2 is honest.
+    from edgekd.codec import encode_state
+
+    good = _node(lambda s: {k: np.full_like(v, 0.3) for k, v in s.items()})
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        content = good(node, msg)
+        assert content is not None
+        if node == 1:
+            everything = {k: np.full_like(v, 0.3) for k, v in BIG.items()}
+            mine = {"w": np.ones_like(PRUNE["w"])}
+            content[R.ARRAYS] = encode_state(everything, masks=mine)
+        return content
+
+    strategy = _compressed_strategy(int8=False, upload="fp32")
+    grid = FakeGrid([1, 2], reply)
+
+    # Execute
+    result = strategy.start(grid, state_to_record(BIG), num_rounds=1, train_config=ConfigRecord())
+
+    # Assert
+    assert strategy.ledger[1].rejected == 1
+    assert any("may not carry pruning masks" in r for r in strategy.ledger[1].reasons)
+    assert np.all(record_to_state(result.arrays)["w"][~PRUNE["w"]] == 0.0)
+
+
 def test_updates_smaller_than_an_int8_step_still_accumulate() -> None:
     # Prepare: every node nudges every weight by 0.001, an eighth of the INT8 step
     strategy = _compressed_strategy(int8=True, upload="int8-delta", prune=False)
