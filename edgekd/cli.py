@@ -24,16 +24,13 @@ from typing import Any
 from edgekd.common.config import (
     CONTINUAL_METHODS,
     CONTINUAL_SCENARIOS,
-    ConfigError,
     EdgeKDConfig,
 )
-from edgekd.common.run_folder import RunFolderError, claim_run_folder, writable_folder
-from edgekd.deploy.bundle import BundleError
-from edgekd.orchestrate import OrchestrationError
-from edgekd.server.checkpoint import ResumeError
+from edgekd.common.errors import EdgeKDError, one_line_error
+from edgekd.common.run_folder import claim_run_folder, writable_folder
 
 
-class UsageError(Exception):
+class UsageError(EdgeKDError):
     """A problem with the user's input, reported as one line."""
 
 
@@ -437,15 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (
-        UsageError,
-        ConfigError,
-        OrchestrationError,
-        ResumeError,
-        BundleError,
-        RunFolderError,
-    ) as exc:
-        print(f"edgekd: error: {exc}", file=sys.stderr)
+    except EdgeKDError as exc:  # every bad input or state edgekd names (common/errors.py)
+        print(f"edgekd: error: {one_line_error(exc)}", file=sys.stderr)
         return 2
 
 

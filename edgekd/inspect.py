@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from edgekd.common.config import DataConfig
-from edgekd.common.errors import one_line_error
+from edgekd.common.errors import EdgeKDError, one_line_error
 from edgekd.common.fidelity import (
     apply_temperature,
     bootstrap_intervals,
@@ -75,7 +75,7 @@ _RUNTIME_BATCH = 1024
 NOT_AVAILABLE = "not available"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(EdgeKDError, ValueError):
     """A teacher or student file is missing, corrupt or of the wrong shape; one line."""
 
 

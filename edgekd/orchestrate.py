@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from edgekd.common.errors import EdgeKDError
+
 DEFAULT_PORT = 9092
 OFFLINE_ENV = {
     # No network but the package registries, and no surprises at run time.
@@ -38,7 +40,7 @@ OFFLINE_ENV = {
 }
 
 
-class OrchestrationError(RuntimeError):
+class OrchestrationError(EdgeKDError, RuntimeError):
     """A Flower process that would not start, or a run that did not complete."""
 
 

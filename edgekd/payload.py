@@ -11,8 +11,10 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from edgekd.common.errors import EdgeKDError
 
-class PayloadError(ValueError):
+
+class PayloadError(EdgeKDError, ValueError):
     """An update does not decode, has the wrong shapes or dtypes, or holds NaN/Inf."""
 
 

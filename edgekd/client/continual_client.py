@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
+from edgekd.common.errors import EdgeKDError
 from edgekd.common.specs import spec_for
 from edgekd.continual.scenario import client_stream, proxy_digest
 from edgekd.continual.streams import TaskStream, task_client_split
@@ -41,7 +42,7 @@ PROXY_STATE = "continual.proxy"  # ArrayRecord: the teacher's proxy set, as ship
 PROXY_META = "continual.proxy-meta"  # ConfigRecord: its hash
 
 
-class ContinualStateError(RuntimeError):
+class ContinualStateError(EdgeKDError, RuntimeError):
     """The node lacks something the server assumes it holds (e.g. the proxy set)."""
 
 

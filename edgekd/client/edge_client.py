@@ -36,6 +36,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset
+from edgekd.common.errors import EdgeKDError
 from edgekd.payload import record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
@@ -44,7 +45,7 @@ BUNDLE = "bundle"  # node config key set by `edgekd client start --bundle`
 VAL_FRACTION = 0.1
 
 
-class EdgeDataError(ValueError):
+class EdgeDataError(EdgeKDError, ValueError):
     """The device's local data is missing or malformed."""
 
 

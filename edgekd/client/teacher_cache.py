@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from edgekd.common.data import cache_dir
+from edgekd.common.errors import EdgeKDError
 
 
-class TeacherMissingError(RuntimeError):
+class TeacherMissingError(EdgeKDError, RuntimeError):
     """The round needs a teacher this node has not cached, and none was attached."""
 
 

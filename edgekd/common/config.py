@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from edgekd.common.errors import EdgeKDError
+
 KNOWN_DATASETS = ("mnist1d", "digits", "mnist", "fashion-mnist", "cifar10")
 SOFT_TARGET_MODES = ("on-device", "proxy")
 OPTIMIZERS = ("adam", "sgd")
@@ -29,7 +31,7 @@ CONTINUAL_SCENARIOS = ("class-incremental", "domain-incremental")
 CONTINUAL_METHODS = ("teacher-kd", "lwf", "ewc", "replay", "naive")
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeKDError, ValueError):
     """A configuration value is unknown, malformed or out of range."""
 
 

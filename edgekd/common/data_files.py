@@ -24,6 +24,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from edgekd.common.errors import EdgeKDError
+
 __all__ = [
     "CIFAR10_FILES",
     "CLASS_NAMES",
@@ -100,7 +102,7 @@ _IDX_EXPECTED: Final = ", ".join(IDX_FILES) + ", optionally .gz"
 _CIFAR_EXPECTED: Final = ", ".join(CIFAR10_FILES)
 
 
-class DataFileError(ValueError):
+class DataFileError(EdgeKDError, ValueError):
     """A dataset folder or file is missing or unreadable; the message is one line."""
 
     def __init__(self, message: str) -> None:

@@ -1,8 +1,18 @@
-"""Turning library errors into the one-line messages edgekd promises its users."""
+"""edgekd's error base, and turning library errors into the one-line messages edgekd
+promises its users."""
 
 from __future__ import annotations
 
 import re
+
+
+class EdgeKDError(Exception):
+    """Base of every error edgekd raises for bad input or a bad state on disk or on the
+    wire (a config, a data file, a checkpoint, a bundle, a payload, a run folder). Each
+    subclass also derives from the builtin it refines (ValueError, RuntimeError,
+    ImportError), so ``except ValueError`` keeps working; the CLI turns any of them into
+    one line and exit code 2."""
+
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgekd.common.errors import one_line_error
+from edgekd.common.errors import EdgeKDError, one_line_error
 from edgekd.common.specs import ModelSpec, spec_for
 
 __all__ = ["ModelSpec", "spec_for", "build_model", "count_params", "capture_features"]
@@ -100,7 +100,7 @@ def capture_features(model: nn.Module, layer: str = FEATURE_LAYER) -> Iterator[d
 
 
 # ------------------------------------------------------------------ checkpoints
-class CheckpointError(ValueError):
+class CheckpointError(EdgeKDError, ValueError):
     """A checkpoint is unreadable or does not match the expected architecture."""
 
 

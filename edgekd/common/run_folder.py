@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from edgekd.common.errors import EdgeKDError
+
 __all__ = ["RUN_FILES", "RunFolderError", "claim_run_folder", "run_files_in", "writable_folder"]
 
 # Files only a run writes: one of them means the folder holds (part of) a run.
@@ -26,7 +28,7 @@ RUN_FILES = (
 )
 
 
-class RunFolderError(ValueError):
+class RunFolderError(EdgeKDError, ValueError):
     """The run folder holds a run already, or cannot be written."""
 
 

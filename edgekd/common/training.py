@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd.common.errors import EdgeKDError
 from edgekd.common.kd import (
     HintLoss,
     class_balanced_kd_loss,
@@ -26,7 +27,7 @@ from edgekd.common.kd import (
 from edgekd.common.models import capture_features
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(EdgeKDError, RuntimeError):
     """Training produced a non-finite loss."""
 
 

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.common.errors import one_line_error
+from edgekd.common.errors import EdgeKDError, one_line_error
 from edgekd.deploy.host import int8_host
 from edgekd.deploy.parity import (
     ParityError,
@@ -104,7 +104,7 @@ PARITY_SAMPLES = 1000
 INFERENCE, REFERENCE, FEATURES, HEAD_STEP = "inference", "reference", "features", "head-step"
 
 
-class BundleError(ValueError):
+class BundleError(EdgeKDError, ValueError):
     """A bundle cannot be built, or a bundle folder is missing, changed or malformed."""
 
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd.common.errors import EdgeKDError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -62,7 +64,7 @@ _CHUNK = 1024
 FP32_PRECISIONS = ("fp32",)
 
 
-class ParityError(ValueError):
+class ParityError(EdgeKDError, ValueError):
     """An exported model missed a parity threshold of its device profile."""
 
 

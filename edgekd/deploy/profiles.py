@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgekd.common.errors import EdgeKDError
+
 __all__ = [
     "BACKENDS",
     "Budget",
@@ -42,7 +44,7 @@ TRAINING_MODES = ("head-only", "full")
 DEVICES = ("cpu", "cuda")
 
 
-class ProfileError(ValueError):
+class ProfileError(EdgeKDError, ValueError):
     """A device profile is missing, unreadable or has a bad field; one line."""
 
 

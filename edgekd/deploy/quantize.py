@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgekd.common.errors import EdgeKDError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -52,7 +54,7 @@ SATURATION_FREE_WEIGHT_CODE = 64
 _INT8_GEMM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(EdgeKDError, RuntimeError):
     """The quantizer wrote a model that would not compute the same function on every CPU."""
 
 

@@ -21,12 +21,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgekd.common.errors import EdgeKDError
+
 __all__ = ["SIGNATURE", "SignatureError", "sign_manifest", "verify_manifest"]
 
 SIGNATURE = "manifest.sig"
 
 
-class SignatureError(ValueError):
+class SignatureError(EdgeKDError, ValueError):
     """A bundle's signature is missing, malformed, or not made by the expected key."""
 
 

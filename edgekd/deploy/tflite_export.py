@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from edgekd.common.errors import EdgeKDError
 from edgekd.deploy.head_step import (
     HeadKDStep,
     HeadLogits,
@@ -50,7 +51,7 @@ FEATURES_SIGNATURE = "features"
 _INSTALL_HINT = "TFLite export needs litert-torch: pip install 'edgekd[litert]'"
 
 
-class LiteRTUnavailableError(ImportError):
+class LiteRTUnavailableError(EdgeKDError, ImportError):
     """``litert-torch`` (or ``ai-edge-quantizer``) is not installed."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.common.errors import EdgeKDError
+
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its resumption.
@@ -32,7 +34,7 @@ _META = "__meta__"
 _STATE, _PRUNER, _RNG = "state/", "pruner/", "rng/"
 
 
-class ResumeError(ValueError):
+class ResumeError(EdgeKDError, ValueError):
     """A checkpoint that is missing, unreadable, or belongs to a different run."""
 
 
