@@ -13,11 +13,9 @@ whose backend is onnxruntime or LiteRT trains the head only, without torch
 from __future__ import annotations
 
 import lzma
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
@@ -33,14 +31,12 @@ from edgekd.client.faults import make_fault_mod
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset, client_split, load_federated_data
+from edgekd.common.round_settings import RoundSettings, config_scalar
 from edgekd.common.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
 from edgekd.payload import record_to_state, state_to_record
 
 HEAD_ONLY_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train the head only
-
-if TYPE_CHECKING:  # the trainer imports torch; onnxruntime/LiteRT nodes never load it
-    from edgekd.client.trainer import RoundSettings
 
 
 def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, ArrayDataset, ModelSpec]:
@@ -49,43 +45,12 @@ def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, Array
         train, val = edge_data(cfg, context, bundle)
         spec = spec_for(bundle.input_shape, bundle.num_classes, cfg.model.student_width)
         return train, val, spec
-    pid = int(_scalar(context.node_config, R.PARTITION_ID))
-    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
+    pid = int(config_scalar(context.node_config, R.PARTITION_ID))
+    num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
     data = load_federated_data(cfg.data, cfg.seed)
     train, val = client_split(data, cfg.data.partition, pid, num, cfg.seed, cfg.data.val_fraction)
     spec = spec_for(data.input_shape, data.num_classes, cfg.model.student_width)
     return train, val, spec
-
-
-def _scalar(record: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """A scalar from a Flower record; a list or bytes value is a malformed config."""
-    value = record.get(key, default)
-    if value is None or isinstance(value, (list, bytes)):
-        raise ValueError(f"config key '{key}' is missing or not a scalar")
-    return value
-
-
-def _round_settings(config: ConfigRecord, context: Context) -> RoundSettings:
-    from edgekd.client.trainer import RoundSettings
-
-    batch = int(_scalar(context.node_config, R.NODE_BATCH_SIZE, _scalar(config, R.BATCH_SIZE)))
-    pid = int(context.node_config.get(R.PARTITION_ID, 0))
-    return RoundSettings(
-        mode=str(_scalar(config, R.MODE)),
-        local_epochs=int(_scalar(config, R.LOCAL_EPOCHS)),
-        lr=float(_scalar(config, R.LR)),
-        optimizer=str(_scalar(config, R.OPTIMIZER)),
-        batch_size=batch,
-        clip_norm=float(_scalar(config, R.CLIP_NORM)),
-        temperature=float(_scalar(config, R.TEMPERATURE)),
-        alpha=float(_scalar(config, R.ALPHA)),
-        class_weighting=bool(_scalar(config, R.CLASS_WEIGHTING)),
-        max_class_weight=float(_scalar(config, R.MAX_CLASS_WEIGHT)),
-        reference_batch=int(_scalar(config, R.REFERENCE_BATCH)),
-        # Different per node and per round, reproducible for the same run.
-        seed=int(_scalar(config, R.SEED)) * 100_003 + int(_scalar(config, R.ROUND)) * 1009 + pid,
-        **torch_placement(context),
-    )
 
 
 def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
@@ -94,7 +59,7 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
 
     train, _, spec = _node_data(cfg, context)
     config = msg.content.config_records[R.CONFIG]
-    settings = _round_settings(config, context)
+    settings = RoundSettings.from_round(config, context.node_config, **torch_placement(context))
     logits = None
     proxy = None
     if settings.mode == "kd" and str(config[R.SOFT_TARGETS]) == "on-device":
@@ -108,7 +73,7 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
         logits = teacher_logits(session, train.x)
     elif settings.mode == "kd":
         p = msg.content.array_records[R.PROXY]
-        proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_PROBS].numpy())
+        proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_LOGITS].numpy())
     state = record_to_state(msg.content.array_records[R.ARRAYS])
     new_state, metrics = local_kd_update(
         spec,

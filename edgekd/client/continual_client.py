@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.errors import EdgeKDError
+from edgekd.common.round_settings import RoundSettings, config_scalar, round_seed
 from edgekd.common.specs import spec_for
 from edgekd.continual.scenario import client_stream, proxy_digest
 from edgekd.continual.streams import TaskStream, task_client_split
@@ -54,20 +55,19 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
 
     torch.set_num_threads(1)  # one simulated client per core
     config = msg.content.config_records[R.CONFIG]
-    pid = int(_scalar(context.node_config, R.PARTITION_ID))
-    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
-    seed = int(_scalar(config, R.SEED))
-    task_id = int(_scalar(config, R.CL_TASK))
-    run = str(_scalar(config, R.CL_RUN))
+    pid = int(config_scalar(context.node_config, R.PARTITION_ID))
+    num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
+    seed = int(config_scalar(config, R.SEED))
+    task_id = int(config_scalar(config, R.CL_TASK))
+    run = str(config_scalar(config, R.CL_RUN))
     stream = client_stream(cfg)
     if not 0 <= task_id < len(stream):
         raise ValueError(f"{R.CL_TASK} {task_id} outside the stream's {len(stream)} tasks")
-    # Per node (and round), reproducible for the same run, as edgekd.client.app seeds.
-    node_seed = seed * 100_003 + pid
-    round_seed = node_seed + int(_scalar(config, R.ROUND)) * 1009
+    settings = RoundSettings.from_round(config, context.node_config)  # as every node reads it
+    node_seed = round_seed(seed, 0, pid)  # per node, for the regularizer's own draws
 
     model = _load_student(cfg, stream, record_to_state(msg.content.array_records[R.ARRAYS]))
-    regularizer = _make_regularizer(config, _proxy(msg, context, config), node_seed, round_seed)
+    regularizer = _make_regularizer(config, _proxy(msg, context, config), node_seed, settings.seed)
     _advance(regularizer, model, stream, context, run, task_id, cfg.data.partition, pid, num, seed)
 
     local = task_client_split(stream[task_id], cfg.data.partition, pid, num, seed)
@@ -76,13 +76,13 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
         local.x,
         local.y,
         regularizer,
-        epochs=int(_scalar(config, R.LOCAL_EPOCHS)),
-        lr=float(_scalar(config, R.LR)),
-        batch_size=int(_scalar(context.node_config, R.NODE_BATCH_SIZE, config[R.BATCH_SIZE])),
-        seed=round_seed,
-        class_weighting=bool(_scalar(config, R.CLASS_WEIGHTING)),
-        max_class_weight=float(_scalar(config, R.MAX_CLASS_WEIGHT)),
-        clip_norm=float(_scalar(config, R.CLIP_NORM)),
+        epochs=settings.local_epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        class_weighting=settings.class_weighting,
+        max_class_weight=settings.max_class_weight,
+        clip_norm=settings.clip_norm,
     )
     save_state(context, regularizer, run, task_id)
     new_state = OrderedDict(
@@ -113,8 +113,8 @@ def handle_warm_up(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message
     from edgekd.continual.regularizers import NaiveFineTuning
 
     stream = client_stream(cfg)
-    pid = int(_scalar(context.node_config, R.PARTITION_ID))
-    num = int(_scalar(context.node_config, R.NUM_PARTITIONS))
+    pid = int(config_scalar(context.node_config, R.PARTITION_ID))
+    num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
     task_client_split(stream[0], cfg.data.partition, pid, num, cfg.seed)
     model = build_model(spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width))
     x, y = stream[0].x_train[:2], stream[0].y_train[:2]
@@ -137,7 +137,7 @@ def _advance(
     """Restore the node's state for ``run`` and bring it to ``task_id``: ``after_task`` for
     every task that ended since the node last trained, ``before_task`` for a new task."""
     meta = context.state.config_records.get(META)
-    held = int(_scalar(meta, "task")) if meta is not None and meta.get("run") == run else None
+    held = int(config_scalar(meta, "task")) if meta is not None and meta.get("run") == run else None
     if held is not None and held > task_id:
         held = None  # the server went back in the stream: a new run under the same tag
     if held is None:  # this node's first round of the run, or a state of another run
@@ -174,28 +174,28 @@ def _make_regularizer(
 ) -> ContinualRegularizer:
     from edgekd.continual.regularizers import make_regularizer
 
-    method = str(_scalar(config, R.CL_METHOD))
+    method = str(config_scalar(config, R.CL_METHOD))
     kwargs: dict[str, Any] = {}
     if method == "teacher-kd":
         if proxy is None:
             raise ContinualStateError("teacher-kd needs the teacher's proxy set; none was sent")
         kwargs = {
-            "weight": float(_scalar(config, R.CL_WEIGHT)),
-            "temperature": float(_scalar(config, R.CL_TEMPERATURE)),
+            "weight": float(config_scalar(config, R.CL_WEIGHT)),
+            "temperature": float(config_scalar(config, R.CL_TEMPERATURE)),
             "proxy_x": proxy[0],
             "proxy_probs": proxy[1],
             "seed": round_seed,  # the proxy batches of this round
         }
     elif method == "lwf":
         kwargs = {
-            "weight": float(_scalar(config, R.CL_WEIGHT)),
-            "temperature": float(_scalar(config, R.CL_TEMPERATURE)),
+            "weight": float(config_scalar(config, R.CL_WEIGHT)),
+            "temperature": float(config_scalar(config, R.CL_TEMPERATURE)),
         }
     elif method == "ewc":
-        kwargs = {"weight": float(_scalar(config, R.CL_EWC_WEIGHT))}
+        kwargs = {"weight": float(config_scalar(config, R.CL_EWC_WEIGHT))}
     elif method == "replay":
         # The reservoir's seed is not in its state: it must be the same in every round.
-        kwargs = {"buffer_size": int(_scalar(config, R.CL_BUFFER_SIZE)), "seed": node_seed}
+        kwargs = {"buffer_size": int(config_scalar(config, R.CL_BUFFER_SIZE)), "seed": node_seed}
     return make_regularizer(method, **kwargs)
 
 
@@ -229,11 +229,3 @@ def _load_student(cfg: EdgeKDConfig, stream: TaskStream, state: Mapping[str, np.
     model = build_model(spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model
-
-
-def _scalar(record: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """A scalar from a Flower record; a list or bytes value is a malformed config."""
-    value = record.get(key, default)
-    if value is None or isinstance(value, (list, bytes)):
-        raise ValueError(f"config key '{key}' is missing or not a scalar")
-    return value

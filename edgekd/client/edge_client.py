@@ -37,6 +37,7 @@ from edgekd.common import records as R
 from edgekd.common.config import EdgeKDConfig
 from edgekd.common.data import ArrayDataset
 from edgekd.common.errors import EdgeKDError
+from edgekd.common.round_settings import RoundSettings
 from edgekd.payload import record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
@@ -79,29 +80,34 @@ def handle_edge_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Mess
     runtime = _runtime(bundle)
     train, _ = edge_data(cfg, context, bundle)
     config = msg.content.config_records[R.CONFIG]
+    # The same decoding as a torch node: the node's batch (its own, else the runtime's
+    # static one), the temperature coupled to it, a seed of its partition and round.
+    settings = RoundSettings.from_round(
+        config, context.node_config, runtime_batch=runtime.batch_size
+    )
+    temperature = settings.effective_temperature()
     received = record_to_state(msg.content.array_records[R.ARRAYS])
     weight, bias = _head(received)
-    temperature, alpha = float(config[R.TEMPERATURE]), float(config[R.ALPHA])  # type: ignore[arg-type]
-    epochs = int(config[R.LOCAL_EPOCHS])  # type: ignore[arg-type]
-    seed = int(config[R.SEED]) * 100_003 + int(config[R.ROUND]) * 1009  # type: ignore[arg-type]
-    batch = runtime.batch_size or int(config[R.BATCH_SIZE])  # type: ignore[arg-type]
-    class_weights = _class_weights(train.y, bundle.num_classes, config)
+    class_weights = _class_weights(train.y, bundle.num_classes, settings)
     # The run's train.lr is the head's SGD step: 0.01 (the default) holds on the default
     # students' unnormalised features (|f| up to ~80); 0.1 diverged (loss ~20).
-    lr = float(config[R.LR])  # type: ignore[arg-type]
-    common: dict[str, Any] = {"epochs": epochs, "batch_size": batch, "lr": lr, "seed": seed}
+    common: dict[str, Any] = {
+        "epochs": settings.local_epochs,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "seed": settings.seed,
+    }
     if str(config[R.SOFT_TARGETS]) == "on-device":
         teacher = _teacher_logits(msg, config, train.x)
         weight, bias, metrics = _local_head_kd(
-            runtime, train.x, train.y, teacher, weight, bias, temperature, alpha,
+            runtime, train.x, train.y, teacher, weight, bias, temperature, settings.alpha,
             class_weights, common,
         )  # fmt: skip
     else:
         proxy = msg.content.array_records[R.PROXY]
-        px, probs = proxy[R.PROXY_X].numpy(), proxy[R.PROXY_PROBS].numpy()
-        soft = temperature * np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
+        px, plogits = proxy[R.PROXY_X].numpy(), proxy[R.PROXY_LOGITS].numpy()
         weight, bias, _ = _local_head_kd(
-            runtime, px, probs.argmax(1), soft, weight, bias, temperature, 0.0, None, common
+            runtime, px, plogits.argmax(1), plogits, weight, bias, temperature, 0.0, None, common
         )
         weight, bias, metrics = _local_head_kd(
             runtime, train.x, train.y, np.zeros((len(train), bundle.num_classes), np.float32),
@@ -224,13 +230,12 @@ def _head(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(state[HEAD_WEIGHT], np.float32), np.asarray(state[HEAD_BIAS], np.float32)
 
 
-def _class_weights(y: np.ndarray, num_classes: int, config: Any) -> np.ndarray | None:
+def _class_weights(y: np.ndarray, num_classes: int, settings: RoundSettings) -> np.ndarray | None:
     from edgekd.client.runtimes import inverse_frequency_class_weights
 
-    if not bool(config[R.CLASS_WEIGHTING]):
+    if not settings.class_weighting:
         return None
-    max_weight = float(config[R.MAX_CLASS_WEIGHT])
-    return inverse_frequency_class_weights(y, num_classes, max_weight=max_weight)
+    return inverse_frequency_class_weights(y, num_classes, max_weight=settings.max_class_weight)
 
 
 def _teacher_logits(msg: Message, config: Any, x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,34 +17,10 @@ import torch
 from edgekd.common.compression import keep_pruned_at_zero, load_for_state, plain_state
 from edgekd.common.compression import training_view as make_training_view
 from edgekd.common.data import ArrayDataset
-from edgekd.common.kd import temperature_for_batch
 from edgekd.common.metrics import classification_metrics
 from edgekd.common.models import ModelSpec
+from edgekd.common.round_settings import RoundSettings
 from edgekd.common.training import KDSettings, kd_train, predict_logits, softmax_np
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    """What the server asked for this round (decoded from the ConfigRecord)."""
-
-    mode: str  # "kd" or "ce"
-    local_epochs: int
-    lr: float
-    optimizer: str
-    batch_size: int
-    clip_norm: float
-    temperature: float
-    alpha: float
-    class_weighting: bool
-    max_class_weight: float
-    reference_batch: int
-    seed: int
-    device: str = "cpu"  # a Jetson node trains on "cuda" (its bundle's profile)
-    fp16: bool = False  # with float16 autocast there
-
-    def effective_temperature(self) -> float:
-        """T(B) = T0·(B0/B)^(1/4): a device forced to a smaller batch gets a softer τ."""
-        return temperature_for_batch(self.temperature, self.reference_batch, self.batch_size)
 
 
 def load_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
@@ -72,8 +48,8 @@ def local_kd_update(
     * ``mode == "ce"``: plain (class-weighted) cross-entropy, the FedAvg baseline.
     * ``teacher_logits`` given (on-device teacher): class-balanced KD on local data
       at the batch-coupled temperature.
-    * ``proxy`` given (x, teacher probabilities): CE on local data, then KD on the
-      public proxy set, every epoch.
+    * ``proxy`` given (x, teacher logits): CE on local data, then KD on the public
+      proxy set at the batch-coupled temperature, every epoch.
 
     ``masks`` (``True`` = kept) hold pruned weights at exactly zero; ``quantizer``
     ("int8" or "ternary") trains through fake-quantized weights (QAT rounds). The
@@ -123,9 +99,11 @@ def _train(
     if settings.mode != "kd" or proxy is None:
         out = kd_train(model, train.x, train.y, probs, kd, num_classes=n, seed=settings.seed)
         return {"train-loss": out["loss"], "temperature": float(tau)}
-    # Proxy mode: alternate a local CE epoch with a KD epoch on the public proxy set.
-    px, pprobs = proxy
-    pseudo = pprobs.argmax(axis=1).astype(np.int64)
+    # Proxy mode: alternate a local CE epoch with a KD epoch on the public proxy set,
+    # the teacher's logits softened at this node's T(B) like on-device targets.
+    px, plogits = proxy
+    pprobs = softmax_np(plogits, tau)
+    pseudo = plogits.argmax(axis=1).astype(np.int64)
     one_epoch = replace(kd, epochs=1)
     proxy_kd = replace(kd, epochs=1, alpha=0.0, class_weighting=False)
     loss = 0.0

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgekd.common.round_settings import temperature_for_batch  # torch-free: devices use it
+
 __all__ = [
     "HintLoss",
     "class_balanced_kd_loss",
@@ -239,28 +241,6 @@ def sample_weights_for(labels: Tensor, class_weights: Tensor) -> Tensor:
     if class_weights.dim() != 1:
         raise ValueError(f"class_weights must be 1-D, got shape {tuple(class_weights.shape)}")
     return class_weights.to(labels.device)[labels.long()]
-
-
-def temperature_for_batch(t0: float, b0: int, batch_size: int) -> float:
-    """Distillation temperature scaled with batch size: ``T(B) = T0 * (B0 / B) ** (1/4)``.
-
-    ``T0`` is the temperature tuned at reference batch size ``B0``; smaller on-device batches
-    get a proportionally softer target, growing only with the fourth root of ``B0 / B`` so a
-    16x smaller batch doubles the temperature.
-
-    Args:
-        t0: Reference temperature ``T0 > 0``.
-        b0: Reference batch size ``B0 > 0``.
-        batch_size: Actual batch size ``B > 0``.
-
-    Returns:
-        The temperature for ``batch_size``.
-    """
-    if t0 <= 0 or b0 <= 0 or batch_size <= 0:
-        raise ValueError(
-            f"t0, b0 and batch_size must be positive, got t0={t0}, b0={b0}, batch_size={batch_size}"
-        )
-    return float(t0 * (b0 / batch_size) ** 0.25)
 
 
 class HintLoss(nn.Module):

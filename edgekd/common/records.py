@@ -17,7 +17,8 @@ MASKS = "masks"  # client-internal: the codec mod hands the decoded masks to the
 # ArrayRecord entries
 TEACHER_ONNX = "onnx"  # uint8 bytes of the teacher's ONNX model
 PROXY_X = "x"
-PROXY_PROBS = "probs"  # teacher probabilities at the round's temperature
+PROXY_PROBS = "probs"  # continual: teacher probabilities at continual.temperature
+PROXY_LOGITS = "logits"  # KD proxy mode: teacher logits; each node softens them at its T(B)
 
 # ConfigRecord entries (server → client)
 ROUND = "server-round"  # injected by Flower's FedAvg

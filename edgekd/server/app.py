@@ -48,7 +48,7 @@ from edgekd.common.models import (
     spec_for,
 )
 from edgekd.common.pruning import prunable_parameters, sparsity_of
-from edgekd.common.training import predict_logits, seed_everything, softmax_np, teacher_probs_for
+from edgekd.common.training import predict_logits, seed_everything, softmax_np
 from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
 from edgekd.deploy.quantize import (
     CALIBRATION_SAMPLES,
@@ -186,8 +186,9 @@ def run_federation(
         rng = np.random.default_rng([cfg.seed, 5])
         idx = rng.choice(len(data.public), size=min(k.proxy_size, len(data.public)), replace=False)
         px = data.public.x[idx]
-        probs = teacher_probs_for(teacher, px, k.temperature)
-        proxy_record = state_to_record({R.PROXY_X: px, R.PROXY_PROBS: probs})
+        # Logits, not probabilities: each node softens them at its own T(B).
+        logits = predict_logits(teacher, px).astype(np.float32)
+        proxy_record = state_to_record({R.PROXY_X: px, R.PROXY_LOGITS: logits})
     post = None
     if mode == "kd" and teacher is not None and k.server_distill_epochs > 0:
 

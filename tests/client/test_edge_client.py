@@ -72,21 +72,18 @@ def pi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(student, str(profile), root / "bundle")
 
 
-@pytest.mark.parametrize("soft_targets", ["proxy", "on-device"])
-def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
-    pi_bundle: Path, small_config, soft_targets: str
-) -> None:
-    # Prepare: a training message as the server's strategy sends it (after the codec mod).
+def _edge_message(soft_targets: str):  # type: ignore[no-untyped-def]
+    """A training message as the strategy sends it (after the codec mod), its student and
+    the teacher's ONNX bytes."""
     import lzma
 
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from edgekd.client.edge_client import handle_edge_train
     from edgekd.common import records as R
     from edgekd.common.models import build_model, load_checkpoint, spec_for
     from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
-    from edgekd.payload import record_to_state, state_to_record
+    from edgekd.payload import state_to_record
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     model, _ = load_checkpoint(str(Path(__file__).parents[1] / "data" / "student_w8_trained.pt"))
@@ -95,18 +92,70 @@ def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
     teacher = export_onnx_bytes(build_model(spec_for((1, 40), 10, 8)), (1, 40))
     config = ConfigRecord(
         {R.TEMPERATURE: 4.0, R.ALPHA: 0.8, R.LOCAL_EPOCHS: 1, R.SEED: 1, R.ROUND: 1,
-         R.BATCH_SIZE: 32, R.LR: 0.01, R.SOFT_TARGETS: soft_targets,
+         R.BATCH_SIZE: 32, R.LR: 0.01, R.SOFT_TARGETS: soft_targets, R.REFERENCE_BATCH: 32,
          R.CLASS_WEIGHTING: True, R.MAX_CLASS_WEIGHT: 5.0, R.TEACHER_HASH: sha256_hex(teacher)}
     )  # fmt: skip
     content = {R.ARRAYS: state_to_record(sent), R.CONFIG: config}
     rng = np.random.default_rng(0)
     content[R.PROXY] = state_to_record(
         {R.PROXY_X: rng.random((64, 1, 40), dtype=np.float32),
-         R.PROXY_PROBS: rng.dirichlet(np.ones(10), 64).astype(np.float32)}
+         R.PROXY_LOGITS: rng.normal(size=(64, 10)).astype(np.float32)}
     )  # fmt: skip
     blob = np.frombuffer(lzma.compress(teacher), dtype=np.uint8)
     content[R.TEACHER] = ArrayRecord({R.TEACHER_ONNX: Array(blob)})
-    msg = Message(RecordDict(content), dst_node_id=1, message_type="train")
+    return Message(RecordDict(content), dst_node_id=1, message_type="train"), sent
+
+
+def test_an_edge_node_couples_its_temperature_and_seed_like_a_torch_node(
+    pi_bundle: Path, small_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 8 on a node whose reference is 32 trains at T(8), with the seed of its
+    partition: the same `RoundSettings` a torch node decodes."""
+    from flwr.app import Context, RecordDict
+
+    import edgekd.client.edge_client as edge
+    from edgekd.common import records as R
+    from edgekd.common.round_settings import round_seed, temperature_for_batch
+
+    # Prepare: record what the head step is given.
+    calls: list[tuple[float, int, int]] = []
+    real = edge._local_head_kd
+
+    def spy(runtime, x, y, teacher, weight, bias, temperature, alpha, cw, common):  # type: ignore[no-untyped-def]
+        calls.append((temperature, common["batch_size"], common["seed"]))
+        return real(runtime, x, y, teacher, weight, bias, temperature, alpha, cw, common)
+
+    monkeypatch.setattr(edge, "_local_head_kd", spy)
+    msg, _ = _edge_message("on-device")
+
+    # Execute: partitions 1 and 2, the first with its own batch of 8.
+    replies = {}
+    for pid, node in ((1, {R.NODE_BATCH_SIZE: 8}), (2, {})):
+        node = {"bundle": str(pi_bundle), R.PARTITION_ID: pid, R.NUM_PARTITIONS: 4, **node}
+        context = Context(
+            run_id=1, node_id=pid, node_config=node, state=RecordDict(), run_config={}
+        )
+        replies[pid] = edge.handle_edge_train(small_config, msg, context)
+
+    # Assert
+    t8 = temperature_for_batch(4.0, 32, 8)
+    assert calls == [(t8, 8, round_seed(1, 1, 1)), (4.0, 32, round_seed(1, 1, 2))]
+    metrics = replies[1].content.metric_records[R.METRICS]
+    assert metrics["temperature"] == pytest.approx(t8)
+
+
+@pytest.mark.parametrize("soft_targets", ["proxy", "on-device"])
+def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
+    pi_bundle: Path, small_config, soft_targets: str
+) -> None:
+    # Prepare: a training message as the server's strategy sends it (after the codec mod).
+    from flwr.app import Context, RecordDict
+
+    from edgekd.client.edge_client import handle_edge_train
+    from edgekd.common import records as R
+    from edgekd.payload import record_to_state
+
+    msg, sent = _edge_message(soft_targets)
     node = {"bundle": str(pi_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
