@@ -51,6 +51,7 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
     """One round of local continual training; see the module docstring."""
     import torch
 
+    from edgekd.common.models import model_state
     from edgekd.continual.learner import train_task
 
     torch.set_num_threads(1)  # one simulated client per core
@@ -85,9 +86,7 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
         clip_norm=settings.clip_norm,
     )
     save_state(context, regularizer, run, task_id)
-    new_state = OrderedDict(
-        (k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items()
-    )
+    new_state = model_state(model)
     reply = RecordDict(
         {
             R.ARRAYS: state_to_record(new_state),

@@ -8,7 +8,7 @@ in closed form there). This module holds:
 * :class:`EdgeRuntime`: the interface (features, one head step, head logits);
 * :class:`OrtRuntime`: onnxruntime, dynamic batch;
 * :class:`LiteRTRuntime`: LiteRT (TFLite) signatures, static batch, padded;
-* :func:`inverse_frequency_class_weights`: numpy twin of the torch-side function;
+* :func:`inverse_frequency_class_weights`: re-exported from `edgekd.common.class_weights`;
 * :func:`local_head_kd`: the local training loop over shuffled mini-batches.
 
 numpy, onnxruntime and ``ai_edge_litert`` are imported lazily, and torch never, so this
@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any, Protocol
+
+from edgekd.common.class_weights import inverse_frequency_class_weights
+from edgekd.common.records import HEAD_STEP_INPUTS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,19 +36,6 @@ __all__ = [
     "runtime_for",
 ]
 
-#: Input order of the head-step graph; equal to `edgekd.deploy.head_step.HEAD_STEP_INPUTS`
-#: (repeated because that module imports torch; a test keeps the two equal).
-HEAD_STEP_INPUTS: tuple[str, ...] = (
-    "features",
-    "labels",
-    "teacher_logits",
-    "weight",
-    "bias",
-    "class_weights",
-    "temperature",
-    "alpha",
-    "lr",
-)
 #: Label of a padded row: the step graph gives it zero loss, gradient and count.
 PAD_LABEL = -1
 #: Rows per onnxruntime call when extracting features (bounds memory, not results).
@@ -340,57 +330,6 @@ class LiteRTRuntime:
 
     def logits(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         return self.head_logits(self.features(x), weight, bias)
-
-
-def inverse_frequency_class_weights(
-    labels: np.ndarray, num_classes: int, *, max_weight: float = 5.0
-) -> np.ndarray:
-    """Numpy twin of `edgekd.common.kd.inverse_frequency_class_weights` (float32 ``[K]``).
-
-    Bounded inverse-frequency weights ``w_c = min(s * (N / K_present) / n_c, max_weight)``
-    with ``s`` chosen by water-filling so that ``sum_c n_c w_c = N`` (Cui et al., CVPR 2019,
-    baseline rule); absent classes get 0. See the torch-side docstring for the derivation;
-    ``tests/client/test_runtimes.py`` keeps the two equal.
-    """
-    import numpy as np
-
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if not max_weight >= 1.0:
-        raise ValueError(
-            f"max_weight must be >= 1 for a mean weight of 1 to be reachable, got {max_weight}"
-        )
-    y = np.asarray(labels).reshape(-1)
-    if y.size == 0:
-        raise ValueError("labels is empty; cannot compute class weights")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
-
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    total = counts.sum()
-    raw = np.zeros(num_classes, dtype=np.float64)
-    raw[present] = (total / present.sum()) / counts[present]
-
-    clipped = np.zeros(num_classes, dtype=bool)
-    weights = raw.copy()
-    for _ in range(num_classes):
-        free = present & ~clipped
-        free_mass = float((counts[free] * raw[free]).sum())
-        if free_mass <= 0.0:
-            weights = np.where(present, max_weight, 0.0)
-            break
-        clipped_mass = float(counts[clipped].sum()) * max_weight if clipped.any() else 0.0
-        scale = (total - clipped_mass) / free_mass
-        weights = np.where(clipped, max_weight, scale * raw)
-        newly_clipped = free & (weights > max_weight * (1.0 + 1e-12))
-        if not newly_clipped.any():
-            break
-        clipped |= newly_clipped
-    weights = np.where(present, np.minimum(weights, max_weight), 0.0)
-    return weights.astype(np.float32)
 
 
 def runtime_for(features_path: str, head_step_path: str, *, threads: int = 1) -> EdgeRuntime:

@@ -23,15 +23,6 @@ from edgekd.common.round_settings import RoundSettings
 from edgekd.common.training import KDSettings, kd_train, predict_logits, softmax_np
 
 
-def load_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
-    """The student for ``state`` (filter-pruned or factorized shapes included)."""
-    return load_for_state(spec, state)
-
-
-def model_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
-
-
 def local_kd_update(
     spec: ModelSpec,
     state: Mapping[str, np.ndarray],
@@ -56,7 +47,7 @@ def local_kd_update(
     returned state holds the latent float weights under the original names.
     """
     torch.set_num_threads(1)  # one simulated client per core
-    base = load_state(spec, state)
+    base = load_for_state(spec, state)
     names = list(base.state_dict())  # before a ternary view renames the weights
     model = make_training_view(base, quantizer)
     hooks = keep_pruned_at_zero(model, masks or {})
@@ -120,6 +111,6 @@ def evaluate_state(
     """Accuracy and NLL of the global student on local validation data."""
     if len(data) == 0:
         return {"accuracy": 0.0, "loss": 0.0}
-    probs = softmax_np(predict_logits(load_state(spec, state), data.x))
+    probs = softmax_np(predict_logits(load_for_state(spec, state), data.x))
     m = classification_metrics(probs, data.y, spec.num_classes)
     return {"accuracy": float(m["accuracy"]), "loss": float(m["nll"])}  # type: ignore[arg-type]

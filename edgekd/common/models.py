@@ -11,10 +11,12 @@ split (frozen ``features`` + linear ``head``) work for both. Every model exposes
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +79,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.family == "cnn2d":
         return CNN2d(spec)
     raise ValueError(f"unknown model family '{spec.family}'")
+
+
+def model_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """``state_dict`` as numpy copies, in order: what travels, is hashed and is saved."""
+    return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
 
 
 def count_params(model: nn.Module) -> int:

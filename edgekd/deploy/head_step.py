@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from edgekd.common.records import HEAD_STEP_INPUTS, HEAD_STEP_OUTPUTS
 from edgekd.deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_bytes
 
 __all__ = [
@@ -38,20 +39,6 @@ __all__ = [
     "split_student",
 ]
 
-#: Input names of the exported step, in the order of :meth:`HeadKDStep.forward`.
-HEAD_STEP_INPUTS: tuple[str, ...] = (
-    "features",
-    "labels",
-    "teacher_logits",
-    "weight",
-    "bias",
-    "class_weights",
-    "temperature",
-    "alpha",
-    "lr",
-)
-#: Output names of the exported step.
-HEAD_STEP_OUTPUTS: tuple[str, ...] = ("new_weight", "new_bias", "loss")
 #: Input and output names of the exported feature extractor.
 FEATURES_INPUT = INPUT_NAME
 FEATURES_OUTPUT = "features"

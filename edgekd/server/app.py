@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, Result
 from torch import nn
 
 from edgekd import __version__
-from edgekd.client.trainer import load_state, model_state
 from edgekd.codec import decode_state, encode_state, write_artifact
 from edgekd.common import records as R
 from edgekd.common.compression import (
@@ -44,6 +43,7 @@ from edgekd.common.models import (
     build_model,
     count_params,
     load_checkpoint,
+    model_state,
     save_checkpoint,
     spec_for,
 )
@@ -104,7 +104,7 @@ class RoundTracker:
             self._bar = tqdm(total=num_rounds, desc=label, unit="round", leave=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = load_state(self.spec, record_to_state(arrays))
+        model = load_for_state(self.spec, record_to_state(arrays))
         probs = softmax_np(predict_logits(model, self.data.test.x))
         acc = report_accuracy(probs, self.data.test.y)
         nll = float(
@@ -193,7 +193,7 @@ def run_federation(
     if mode == "kd" and teacher is not None and k.server_distill_epochs > 0:
 
         def post(server_round: int, arrays: ArrayRecord, masks: Masks) -> ArrayRecord:
-            student = load_state(spec, record_to_state(arrays))
+            student = load_for_state(spec, record_to_state(arrays))
             with keep_pruned_at_zero(student, masks):
                 distill_on_public(
                     student,
@@ -212,7 +212,7 @@ def run_federation(
     ) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
         if not schedule.unstructured:
             return arrays, {}
-        student = load_state(spec, record_to_state(arrays))
+        student = load_for_state(spec, record_to_state(arrays))
         masks = pruner.step(server_round, student)
         return state_to_record(model_state(student)), masks
 
@@ -295,7 +295,7 @@ def run_federation(
         )
     finally:
         tracker.close()
-    final = load_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
+    final = load_for_state(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
     return final, rounds, pruner.numpy_masks()
 
 
@@ -465,7 +465,7 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     # What ships: the student after the codec's INT8 rounding, scored as such.
     student_record = encode_state(model_state(student), masks=masks, int8=schedule.int8_wire)
     shipped, _ = decode_state(student_record, model_state(student))
-    student = load_state(student_spec, shipped)
+    student = load_for_state(student_spec, shipped)
     artifact_bytes = write_artifact(out_dir / "student.ekd", student_record, model_state(student))
 
     def summary(model: nn.Module) -> dict[str, Any]:

@@ -53,7 +53,14 @@ from edgekd.common import records as R
 from edgekd.common.compression import load_for_state
 from edgekd.common.config import CONTINUAL_METHODS, EdgeKDConfig
 from edgekd.common.data import ArrayDataset, FederatedData
-from edgekd.common.models import ModelSpec, build_model, count_params, save_checkpoint, spec_for
+from edgekd.common.models import (
+    ModelSpec,
+    build_model,
+    count_params,
+    model_state,
+    save_checkpoint,
+    spec_for,
+)
 from edgekd.common.training import seed_everything, teacher_probs_for
 from edgekd.continual.learner import evaluate_stream
 from edgekd.continual.metrics import summarize
@@ -294,7 +301,7 @@ def run_method(
     started = time.perf_counter()
     t, cl = cfg.train, cfg.continual
     schedule = TaskSchedule(cl.tasks, cl.rounds_per_task)
-    reference = _state(initial)
+    reference = model_state(initial)
     strategy = ContinualStrategy(
         schedule=schedule,
         method=method,
@@ -491,10 +498,6 @@ def _concat(stream: TaskStream, split: str) -> ArrayDataset:
     xs = [getattr(task, f"x_{split}") for task in stream]
     ys = [getattr(task, f"y_{split}") for task in stream]
     return ArrayDataset(np.concatenate(xs), np.concatenate(ys))
-
-
-def _state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
 
 
 def _student(

@@ -75,13 +75,13 @@ def _local_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, teacher
 
 
-def test_step_input_names_match_the_exporter() -> None:
-    assert runtimes.HEAD_STEP_INPUTS == HEAD_STEP_INPUTS
+def test_step_input_names_are_the_exporters() -> None:
+    assert runtimes.HEAD_STEP_INPUTS is HEAD_STEP_INPUTS  # one definition (records.py)
 
 
 @pytest.mark.parametrize("max_weight", [1.0, 2.0, 5.0, math.inf])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_numpy_class_weights_equal_the_torch_ones(max_weight: float, seed: int) -> None:
+def test_the_devices_class_weights_are_the_trainings(max_weight: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.choice(NUM_CLASSES - 2, size=200, p=rng.dirichlet(np.full(NUM_CLASSES - 2, 0.3)))
     got = inverse_frequency_class_weights(labels, NUM_CLASSES, max_weight=max_weight)

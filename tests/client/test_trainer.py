@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from edgekd.client.teacher_cache import TeacherMissingError, teacher_logits, teacher_session
-from edgekd.client.trainer import RoundSettings, evaluate_state, local_kd_update, model_state
+from edgekd.client.trainer import RoundSettings, evaluate_state, local_kd_update
 from edgekd.common.data import ArrayDataset
-from edgekd.common.models import build_model, spec_for
+from edgekd.common.models import build_model, model_state, spec_for
 from edgekd.common.training import predict_logits, softmax_np
 from edgekd.deploy.onnx_export import export_onnx_bytes
 
@@ -54,7 +54,7 @@ def test_local_kd_update_moves_toward_the_teacher() -> None:
     t_probs = softmax_np(logits)
 
     def kl(s: dict[str, np.ndarray]) -> float:
-        from edgekd.client.trainer import load_state
+        from edgekd.common.compression import load_for_state as load_state
 
         p = softmax_np(predict_logits(load_state(SPEC, s), data.x))
         return float((t_probs * (np.log(t_probs) - np.log(p))).sum(1).mean())
