@@ -26,7 +26,8 @@ UPLOAD_MODES = ("fp32", "int8-delta", "int8-delta-ef", "int4-delta", "int4-delta
 DOWNLOAD_MODES = ("state", "delta")
 ENTROPY_CODERS = ("none", "zlib")
 TEACHER_FORMATS = ("fp32", "int8")
-# Mirrors edgekd.continual (SCENARIOS, REGULARIZERS), which this module must not import.
+# The continual streams (edgekd.continual.streams.SCENARIOS) use this very tuple; the
+# methods are the keys of edgekd.continual.regularizers.REGULARIZERS (a test keeps them).
 CONTINUAL_SCENARIOS = ("class-incremental", "domain-incremental")
 CONTINUAL_METHODS = ("teacher-kd", "lwf", "ewc", "replay", "naive")
 

@@ -36,6 +36,7 @@ __all__ = [
     "dark_knowledge_entropy",
     "gradient_norm_balance",
     "inverse_frequency_class_weights",
+    "per_sample_kl",
     "max_dark_knowledge_entropy",
     "sample_weights_for",
     "soft_targets",
@@ -129,9 +130,7 @@ def class_balanced_kd_loss(
         )
 
     ce = F.cross_entropy(student_logits, labels, reduction="none")
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    # xlogy gives 0 * log 0 = 0, so one-hot or sparse teacher targets do not produce NaN.
-    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_p_s).sum(dim=-1)
+    kl = per_sample_kl(student_logits, teacher_probs, temperature)
 
     if sample_weights is not None:
         w = sample_weights.to(dtype=kl.dtype, device=kl.device)
@@ -140,6 +139,15 @@ def class_balanced_kd_loss(
             ce = ce * w
 
     return alpha * ce.mean() + (1.0 - alpha) * temperature**2 * kl.mean()
+
+
+def per_sample_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
+    """``KL(p_t,i || softmax(z_i / tau))`` for each row ``i``, shape ``[B]``: the KD term of
+    `class_balanced_kd_loss` and of the continual regularizers (Hinton et al., 2015).
+    ``teacher_probs`` are already softened at ``tau``; ``xlogy`` gives ``0 * log 0 = 0``,
+    so one-hot or sparse teacher targets do not produce NaN."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    return (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_p_s).sum(dim=-1)
 
 
 def inverse_frequency_class_weights(

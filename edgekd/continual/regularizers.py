@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from edgekd.common.kd import per_sample_kl
 from edgekd.continual.streams import Task
 
 __all__ = [
@@ -71,9 +72,7 @@ def tempered_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: floa
             f"teacher_probs shape {tuple(teacher_probs.shape)} != student_logits shape "
             f"{tuple(student_logits.shape)}"
         )
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_p_s).sum(dim=-1)
-    return temperature**2 * kl.mean()
+    return temperature**2 * per_sample_kl(student_logits, teacher_probs, temperature).mean()
 
 
 class ContinualRegularizer:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgekd.common.config import CONTINUAL_SCENARIOS
 from edgekd.common.data import ArrayDataset, _mnist1d, generate_mnist1d, partition_indices
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "task_client_split",
 ]
 
-SCENARIOS = ("class-incremental", "domain-incremental")
+SCENARIOS = CONTINUAL_SCENARIOS  # one list: the config validates against it
 
 # mnist1d's own defaults (``get_dataset_args()``), the easiest domain and task 0.
 _DOMAIN_EASIEST = {"corr_noise_scale": 0.25, "iid_noise_scale": 0.02, "shear_scale": 0.75}
