@@ -209,7 +209,7 @@ def _data_dir(bundle: Any) -> Path:
 
 
 def _runtime(bundle: Any) -> Any:
-    from edgekd.client.runtimes import runtime_for
+    from edgekd.deploy.runtimes import runtime_for
 
     if bundle.profile.backend not in ("onnxruntime", "litert"):
         raise ValueError(f"{bundle.path}: backend '{bundle.profile.backend}' does not train heads")
@@ -231,7 +231,7 @@ def _head(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _class_weights(y: np.ndarray, num_classes: int, settings: RoundSettings) -> np.ndarray | None:
-    from edgekd.client.runtimes import inverse_frequency_class_weights
+    from edgekd.deploy.runtimes import inverse_frequency_class_weights
 
     if not settings.class_weighting:
         return None
@@ -260,7 +260,7 @@ def _local_head_kd(
     class_weights: np.ndarray | None,
     common: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    from edgekd.client.runtimes import local_head_kd
+    from edgekd.deploy.runtimes import local_head_kd
 
     return local_head_kd(
         runtime,

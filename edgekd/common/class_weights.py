@@ -1,5 +1,5 @@
 """Bounded inverse-frequency class weights, in numpy: the one implementation that torch
-training (`edgekd.common.kd`) and torch-free devices (`edgekd.client.runtimes`) share.
+training (`edgekd.common.kd`) and torch-free devices (`edgekd.deploy.runtimes`) share.
 """
 
 from __future__ import annotations

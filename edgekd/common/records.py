@@ -67,7 +67,7 @@ NODE_BATCH_SIZE = "batch-size"  # a device whose memory forces a smaller batch
 FAULT = "fault"  # fault drills: "scale:<k>" or "nan" corrupts this node's updates on purpose
 
 # Input and output names of the head-step graph (`edgekd.deploy.head_step` exports it,
-# `edgekd.client.runtimes` runs it on devices without torch).
+# `edgekd.deploy.runtimes` runs it on devices without torch).
 HEAD_STEP_INPUTS: tuple[str, ...] = (
     "features",
     "labels",

@@ -551,7 +551,7 @@ def _student_parity(
 
 
 def _edge_runtime(folder: Path, artifacts: list[_Artifact], threads: int = 1) -> Any:
-    from edgekd.client.runtimes import runtime_for
+    from edgekd.deploy.runtimes import runtime_for
 
     features = next(a.name for a in artifacts if a.role == FEATURES)
     step = next(a.name for a in artifacts if a.role == HEAD_STEP)
@@ -568,7 +568,7 @@ def _feature_path_parity(
 ) -> ParityResult:
     """The on-device training path at inference: the features file, then ``head.npz``
     (at build time and in `check_bundle`)."""
-    from edgekd.client.runtimes import runtime_for
+    from edgekd.deploy.runtimes import runtime_for
 
     runtime = runtime_for(str(folder / features), str(folder / step))
     weight, bias = _head_arrays(folder)

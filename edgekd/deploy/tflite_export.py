@@ -4,7 +4,7 @@
 imported inside the functions, and a missing install raises
 :class:`LiteRTUnavailableError` (an ``ImportError``) that names the extra. Devices run
 the files with the LiteRT interpreter alone (``ai-edge-litert``; see
-`edgekd.client.runtimes.LiteRTRuntime`).
+`edgekd.deploy.runtimes.LiteRTRuntime`).
 
 LiteRT graphs here have a static batch size; the converter downcasts int64 inputs
 (labels) to int32. Files:

@@ -12,21 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.client import runtimes
-from edgekd.client.runtimes import (
-    LiteRTRuntime,
-    OrtRuntime,
-    inverse_frequency_class_weights,
-    local_head_kd,
-)
 from edgekd.common import kd
 from edgekd.common.models import load_checkpoint
+from edgekd.deploy import runtimes
 from edgekd.deploy.head_step import (
     HEAD_STEP_INPUTS,
     HeadKDStep,
     export_feature_extractor_onnx,
     export_head_step_onnx,
     split_student,
+)
+from edgekd.deploy.runtimes import (
+    LiteRTRuntime,
+    OrtRuntime,
+    inverse_frequency_class_weights,
+    local_head_kd,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -234,7 +234,7 @@ _TORCH_FREE_SCRIPT = """
 import json, sys
 sys.modules["torch"] = None
 import numpy as np
-from edgekd.client.runtimes import (
+from edgekd.deploy.runtimes import (
     LiteRTRuntime, OrtRuntime, inverse_frequency_class_weights, local_head_kd,
 )
 features_onnx, step_onnx, features_tflite, head_tflite = sys.argv[1:5]
