@@ -64,7 +64,7 @@ def app_dir(given: str | None) -> Path:
 def server_run_config(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The run folder and the flat run config to submit; a bad key or value fails here,
     before any process starts, naming the field."""
-    from edgekd.cli import build_config
+    from edgekd.preflight import build_config
 
     if args.resume:
         from edgekd.server.checkpoint import check_resumable, load_run_checkpoint
@@ -93,8 +93,8 @@ def _config_from_flat(flat: dict[str, Any]) -> Any:
 
 
 def cmd_server_start(args: argparse.Namespace) -> int:
-    from edgekd.cli import preflight
     from edgekd.common.config import EdgeKDConfig
+    from edgekd.preflight import preflight
 
     run_dir, run_config = server_run_config(args)
     preflight(EdgeKDConfig().with_overrides(run_config))  # data and checkpoints, before processes
