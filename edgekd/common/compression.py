@@ -13,7 +13,7 @@ and `CompressionSchedule` carries it out on the server:
 * **structural** steps (filter pruning, low-rank SVD) change the architecture, so they
   happen once, on the warm-started student before round 1 (`structural_compress`);
   nodes learn the new shapes from the round's shape manifest (`edgekd.codec`) and
-  build the same module tree with `model_for_state`;
+  build the same module tree with `edgekd.common.models.model_for_state`;
 * **unstructured** pruning follows Zhu & Gupta's cubic schedule: before round ``t``'s
   training the server computes masks at ``s_t = cubic_sparsity(t, start − 1, end, s_f)``
   (so ``start`` is the first round whose training sees pruned weights), zeroes the
@@ -47,7 +47,6 @@ from torch.nn.utils import parametrize
 
 from edgekd.common.config import CompressionConfig, parse_lowrank, parse_prune
 from edgekd.common.lowrank import factorize_model
-from edgekd.common.models import ModelSpec, build_model
 from edgekd.common.pruning import (
     GradientMask,
     apply_masks,
@@ -210,62 +209,6 @@ def structural_compress(
         model, layers = factorize_model(model, **kw)
         info["lowrank"] = {name: r for name, r in layers.items() if r["factorized"]}
     return model, info
-
-
-def model_for_state(spec: ModelSpec, state: Mapping[str, Any]) -> nn.Module:
-    """The spec's model, its layers reshaped to match ``state``: convolutions and
-    linears with fewer channels (filter pruning) and layers split in two
-    (``name.0``/``name.1``, low-rank). Layer hyper-parameters (kernel, stride,
-    padding) come from the spec's model; channel counts and ranks from the shapes."""
-    model = build_model(spec)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
-            continue
-        if f"{name}.0.weight" in state:
-            first, second = np.shape(state[f"{name}.0.weight"]), np.shape(state[f"{name}.1.weight"])
-            bias = f"{name}.1.bias" in state
-            if isinstance(module, nn.Linear):
-                new: nn.Module = nn.Sequential(
-                    nn.Linear(first[1], first[0], bias=False),
-                    nn.Linear(second[1], second[0], bias=bias),
-                )
-            else:
-                cls = type(module)
-                new = nn.Sequential(
-                    _conv_like(module, first[1], first[0], bias=False),
-                    cls(second[1], second[0], 1, bias=bias),
-                )
-            model.set_submodule(name, new)
-        elif f"{name}.weight" in state:
-            shape = tuple(np.shape(state[f"{name}.weight"]))
-            if shape == tuple(module.weight.shape):
-                continue
-            if isinstance(module, nn.Linear):
-                new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
-            else:
-                new = _conv_like(module, shape[1], shape[0], bias=module.bias is not None)
-            model.set_submodule(name, new)
-    return model
-
-
-def _conv_like(conv: nn.Module, in_ch: int, out_ch: int, *, bias: bool) -> nn.Module:
-    assert isinstance(conv, nn.Conv1d | nn.Conv2d)
-    return type(conv)(
-        in_ch,
-        out_ch,
-        conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
-        bias=bias,
-    )
-
-
-def load_for_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> nn.Module:
-    """`model_for_state` with ``state`` loaded."""
-    model = model_for_state(spec, state)
-    model.load_state_dict(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items()))
-    return model
 
 
 def keep_pruned_at_zero(model: nn.Module, masks: Mapping[str, Any]) -> GradientMask:

@@ -12,7 +12,7 @@ split (frozen ``features`` + linear ``head``) work for both. Every model exposes
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -133,8 +133,6 @@ def load_checkpoint(path: str, expected: ModelSpec | None = None) -> tuple[nn.Mo
         ]
         if diffs:
             raise CheckpointError(f"checkpoint {path} has another architecture: {', '.join(diffs)}")
-    from edgekd.common.compression import model_for_state  # compression imports models
-
     try:
         # Filter-pruned and factorized students: the shapes in the state say how.
         model = model_for_state(spec, state)
@@ -143,3 +141,59 @@ def load_checkpoint(path: str, expected: ModelSpec | None = None) -> tuple[nn.Mo
         first = str(exc).strip().splitlines()[-1].strip()
         raise CheckpointError(f"checkpoint {path} does not fit {spec.family}: {first}") from None
     return model, spec
+
+
+def model_for_state(spec: ModelSpec, state: Mapping[str, Any]) -> nn.Module:
+    """The spec's model, its layers reshaped to match ``state``: convolutions and
+    linears with fewer channels (filter pruning) and layers split in two
+    (``name.0``/``name.1``, low-rank). Layer hyper-parameters (kernel, stride,
+    padding) come from the spec's model; channel counts and ranks from the shapes."""
+    model = build_model(spec)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+            continue
+        if f"{name}.0.weight" in state:
+            first, second = np.shape(state[f"{name}.0.weight"]), np.shape(state[f"{name}.1.weight"])
+            bias = f"{name}.1.bias" in state
+            if isinstance(module, nn.Linear):
+                new: nn.Module = nn.Sequential(
+                    nn.Linear(first[1], first[0], bias=False),
+                    nn.Linear(second[1], second[0], bias=bias),
+                )
+            else:
+                cls = type(module)
+                new = nn.Sequential(
+                    _conv_like(module, first[1], first[0], bias=False),
+                    cls(second[1], second[0], 1, bias=bias),
+                )
+            model.set_submodule(name, new)
+        elif f"{name}.weight" in state:
+            shape = tuple(np.shape(state[f"{name}.weight"]))
+            if shape == tuple(module.weight.shape):
+                continue
+            if isinstance(module, nn.Linear):
+                new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
+            else:
+                new = _conv_like(module, shape[1], shape[0], bias=module.bias is not None)
+            model.set_submodule(name, new)
+    return model
+
+
+def _conv_like(conv: nn.Module, in_ch: int, out_ch: int, *, bias: bool) -> nn.Module:
+    assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+    return type(conv)(
+        in_ch,
+        out_ch,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        bias=bias,
+    )
+
+
+def load_for_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> nn.Module:
+    """`model_for_state` with ``state`` loaded."""
+    model = model_for_state(spec, state)
+    model.load_state_dict(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items()))
+    return model

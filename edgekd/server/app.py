@@ -33,7 +33,6 @@ from edgekd.common.compression import (
     Pruner,
     finalize,
     keep_pruned_at_zero,
-    load_for_state,
     structural_compress,
 )
 from edgekd.common.config import EdgeKDConfig, parse_aggregation
@@ -43,6 +42,7 @@ from edgekd.common.models import (
     build_model,
     count_params,
     load_checkpoint,
+    load_for_state,
     model_state,
     save_checkpoint,
     spec_for,

@@ -50,13 +50,13 @@ from torch import nn
 
 from edgekd import __version__
 from edgekd.common import records as R
-from edgekd.common.compression import load_for_state
 from edgekd.common.config import CONTINUAL_METHODS, EdgeKDConfig
 from edgekd.common.data import ArrayDataset, FederatedData
 from edgekd.common.models import (
     ModelSpec,
     build_model,
     count_params,
+    load_for_state,
     model_state,
     save_checkpoint,
     spec_for,

@@ -54,7 +54,7 @@ def test_local_kd_update_moves_toward_the_teacher() -> None:
     t_probs = softmax_np(logits)
 
     def kl(s: dict[str, np.ndarray]) -> float:
-        from edgekd.common.compression import load_for_state as load_state
+        from edgekd.common.models import load_for_state as load_state
 
         p = softmax_np(predict_logits(load_state(SPEC, s), data.x))
         return float((t_probs * (np.log(t_probs) - np.log(p))).sum(1).mean())

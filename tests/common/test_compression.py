@@ -11,13 +11,12 @@ from edgekd.common.compression import (
     CompressionSchedule,
     Pruner,
     finalize,
-    load_for_state,
     plain_state,
     structural_compress,
     training_view,
 )
 from edgekd.common.config import CompressionConfig, ConfigError, EdgeKDConfig
-from edgekd.common.models import build_model, count_params, spec_for
+from edgekd.common.models import build_model, count_params, load_for_state, spec_for
 from edgekd.common.pruning import prunable_parameters
 
 SPEC = spec_for((1, 40), 10, 8)
