@@ -359,8 +359,37 @@ def _round_sparsity(strategy: EdgeKDStrategy, server_round: int) -> float:
     return sparsity_of(strategy.masks_for_round(server_round))
 
 
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TeacherPhase:
+    """What the teacher phase hands on: the model, what nodes get of it (its ONNX), its
+    hash (a resumed run must distil from the very same), and its soft targets."""
+
+    model: nn.Module
+    onnx: bytes
+    sha256: str
+    test_probs: np.ndarray  # on the devices' test split (agreement of every student)
+    server_probs: np.ndarray  # on the server-domain test split
+    public_probs: np.ndarray  # on the public split at kd.temperature (warm start, FedDF)
+
+
+@dataclass(frozen=True)
+class StudentStart:
+    """The student entering round 1: warm-started, maybe pruned and reshaped."""
+
+    init: nn.Module  # the seeded random student (server-only KD starts from it)
+    random_init: nn.Module  # an untouched copy of it, for FedAvg without a teacher
+    warm: nn.Module
+    structure: dict[str, Any]  # filter ratio, factorized layers (report and checkpoint)
+    pruner: Pruner | None
+
+
 def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:
-    """The server side of one run; returns the run folder."""
+    """The server side of one run, phase by phase: resume point, teacher, student start,
+    federation, the student as shipped, report and baselines, exports. Returns the run
+    folder."""
     started = time.perf_counter()
     # Absolute, so the log names it: under `flwr run` the working directory is wherever
     # the local SuperLink was first started, not the app folder.
@@ -381,85 +410,27 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         else f"teacher: training on {len(data.public)} public samples "
         f"({cfg.model.teacher_epochs} epochs)"
     )
-    resume_from = None
-    if cfg.resume:
-        resume_from = load_run_checkpoint(out_dir)
-        check_resumable(resume_from, cfg.to_flat(), out_dir)
-        say(f"resuming {out_dir} after round {resume_from.round}")
-        teacher, _ = load_checkpoint(str(out_dir / "teacher.pt"), expected=teacher_spec)
-    else:
-        teacher = obtain_teacher(cfg, data, teacher_spec)
-        # Saved now, not at the end: a resumed run must distil from this very teacher.
-        save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
-    teacher_sha256 = state_sha256(model_state(teacher))
-    if resume_from is not None and resume_from.teacher_sha256 != teacher_sha256:
-        raise ResumeError(
-            f"{out_dir / 'teacher.pt'} is not the teacher the checkpoint was made with "
-            f"(sha256 {teacher_sha256[:12]}, checkpoint says {resume_from.teacher_sha256[:12]})"
-        )
-    teacher_onnx = export_onnx_bytes(teacher, data.input_shape)
-    if cfg.compression.teacher == "int8":  # what on-device nodes get; the server keeps FP32
-        teacher_onnx = quantize_onnx_int8(teacher_onnx, data.public.x[: cfg.kd.proxy_size])
+    resume_from = resume_point(cfg, out_dir, say)
+    teacher = teacher_phase(cfg, data, teacher_spec, out_dir, resume_from)
     schedule = CompressionSchedule.from_config(cfg.compression)
-    teacher_test = softmax_np(predict_logits(teacher, data.test.x))
-    teacher_server = softmax_np(predict_logits(teacher, data.server_test.x))
-    public_probs = public_soft_targets(teacher, data, cfg.kd.temperature)
-
-    # Reseed: the student's phase must not depend on whether the teacher was trained
-    # here (which draws from the global generators) or loaded with --teacher, so that
-    # recipes run against one cached teacher compare with the run that trained it.
-    seed_everything(cfg.seed)
-    init = build_model(student_spec)
-    random_init = copy.deepcopy(init)
-    warm = copy.deepcopy(init)
-    say(
-        f"teacher: {report_accuracy(teacher_server, data.server_test.y):.4f} on server-domain "
-        f"test, {report_accuracy(teacher_test, data.test.y):.4f} on the devices' test split"
-    )
-    structure: dict[str, Any] = {}
-    if resume_from is not None:  # the checkpoint's student, already warm and reshaped
-        warm = load_for_state(student_spec, resume_from.state)
-        structure = dict(resume_from.extra.get("structure", {}))
-    elif cfg.model.student_path:
-        say(f"student: loading {cfg.model.student_path}")
-        warm, _ = load_checkpoint(cfg.model.student_path, expected=student_spec)
-    elif cfg.train.warm_start_epochs > 0:
-        say(f"student: warm start, {cfg.train.warm_start_epochs} epochs of server-side KD")
-        distill_on_public(
-            warm,
-            public_probs,
-            data,
-            cfg,
-            epochs=cfg.train.warm_start_epochs,
-            seed=cfg.seed,
-            teacher=teacher,
-        )
-    pruner = None
-    if resume_from is None and schedule.prunes_in_warm_start:
-        pruner = prune_in_warm_start(warm, init, schedule, public_probs, data, cfg, teacher, say)
-    if resume_from is None and (schedule.prune_method == "filter" or schedule.lowrank_kind):
-        warm, structure = structural_compress(warm, schedule)
-        say(f"student: structural compression ({count_params(warm)} params), fine-tuning")
-        distill_on_public(
-            warm, public_probs, data, cfg, epochs=STRUCTURAL_FINETUNE_EPOCHS, seed=cfg.seed
-        )
+    start = student_start(cfg, data, student_spec, teacher, schedule, resume_from, say)
     student, rounds, masks = run_federation(
         grid,
         cfg,
         data,
         student_spec,
-        warm,
+        start.warm,
         mode="kd",
-        teacher=teacher,
-        teacher_onnx=teacher_onnx,
-        public_probs=public_probs,
+        teacher=teacher.model,
+        teacher_onnx=teacher.onnx,
+        public_probs=teacher.public_probs,
         label="edgekd",
         show_progress=show_progress,
         schedule=schedule,
         checkpoint=CheckpointPlan(
-            out_dir, teacher_sha256, resume_from, extra={"structure": structure}
+            out_dir, teacher.sha256, resume_from, extra={"structure": start.structure}
         ),
-        pruner=pruner,
+        pruner=start.pruner,
     )
     finalize(student, schedule, masks)
     # What ships: the student after the codec's INT8 rounding, scored as such.
@@ -467,15 +438,152 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
     shipped, _ = decode_state(student_record, model_state(student))
     student = load_for_state(student_spec, shipped)
     artifact_bytes = write_artifact(out_dir / "student.ekd", student_record, model_state(student))
-
-    def summary(model: nn.Module) -> dict[str, Any]:
-        probs = softmax_np(predict_logits(model, data.test.x))
-        n = count_params(model)
-        return model_summary(
-            probs, data.test.y, data.num_classes, params=n, nbytes=4 * n, teacher_probs=teacher_test
+    report = run_report(cfg, data, teacher, start, student, rounds, masks, schedule)
+    report["student"].update(
+        bytes=artifact_bytes,
+        nonzero_params=int(sum(np.count_nonzero(v) for v in shipped.values())),
+    )
+    baseline_rounds = None
+    if cfg.baseline:
+        baseline_rounds = baselines(
+            grid, cfg, data, student_spec, teacher, start, report, show_progress
         )
+    report["seconds"] = time.perf_counter() - started
+    write_exports(
+        out_dir, cfg, data, student, student_spec, teacher, rounds, baseline_rounds, report
+    )
+    say("fidelity reports: FP32 and INT8 ONNX student (edgekd inspect)")
+    report["fidelity"] = fidelity_summaries(out_dir, cfg)
+    write_json_atomic(out_dir / "report.json", report)
+    return out_dir
 
-    report: dict[str, Any] = {
+
+def resume_point(cfg: EdgeKDConfig, out_dir: Path, say: Say) -> RunCheckpoint | None:
+    """The checkpoint to continue from (``cfg.resume``), checked against the config."""
+    if not cfg.resume:
+        return None
+    resume_from = load_run_checkpoint(out_dir)
+    check_resumable(resume_from, cfg.to_flat(), out_dir)
+    say(f"resuming {out_dir} after round {resume_from.round}")
+    return resume_from
+
+
+def teacher_phase(
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    spec: ModelSpec,
+    out_dir: Path,
+    resume_from: RunCheckpoint | None,
+) -> TeacherPhase:
+    """Train (or load) the teacher, save it at once, export what nodes get of it."""
+    if resume_from is not None:
+        teacher, _ = load_checkpoint(str(out_dir / "teacher.pt"), expected=spec)
+    else:
+        teacher = obtain_teacher(cfg, data, spec)
+        # Saved now, not at the end: a resumed run must distil from this very teacher.
+        save_checkpoint(teacher, spec, str(out_dir / "teacher.pt"))
+    sha256 = state_sha256(model_state(teacher))
+    if resume_from is not None and resume_from.teacher_sha256 != sha256:
+        raise ResumeError(
+            f"{out_dir / 'teacher.pt'} is not the teacher the checkpoint was made with "
+            f"(sha256 {sha256[:12]}, checkpoint says {resume_from.teacher_sha256[:12]})"
+        )
+    onnx = export_onnx_bytes(teacher, data.input_shape)
+    if cfg.compression.teacher == "int8":  # what on-device nodes get; the server keeps FP32
+        onnx = quantize_onnx_int8(onnx, data.public.x[: cfg.kd.proxy_size])
+    return TeacherPhase(
+        model=teacher,
+        onnx=onnx,
+        sha256=sha256,
+        test_probs=softmax_np(predict_logits(teacher, data.test.x)),
+        server_probs=softmax_np(predict_logits(teacher, data.server_test.x)),
+        public_probs=public_soft_targets(teacher, data, cfg.kd.temperature),
+    )
+
+
+def student_start(
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    spec: ModelSpec,
+    teacher: TeacherPhase,
+    schedule: CompressionSchedule,
+    resume_from: RunCheckpoint | None,
+    say: Say,
+) -> StudentStart:
+    """The student entering round 1: the checkpoint's, a given one, or warm-started by
+    server-side KD; pruned in the warm start and structurally compressed if asked."""
+    # Reseed: the student's phase must not depend on whether the teacher was trained
+    # here (which draws from the global generators) or loaded with --teacher, so that
+    # recipes run against one cached teacher compare with the run that trained it.
+    seed_everything(cfg.seed)
+    init = build_model(spec)
+    random_init = copy.deepcopy(init)
+    warm = copy.deepcopy(init)
+    say(
+        f"teacher: {report_accuracy(teacher.server_probs, data.server_test.y):.4f} on "
+        f"server-domain test, {report_accuracy(teacher.test_probs, data.test.y):.4f} on the "
+        "devices' test split"
+    )
+    structure: dict[str, Any] = {}
+    if resume_from is not None:  # the checkpoint's student, already warm and reshaped
+        warm = load_for_state(spec, resume_from.state)
+        structure = dict(resume_from.extra.get("structure", {}))
+    elif cfg.model.student_path:
+        say(f"student: loading {cfg.model.student_path}")
+        warm, _ = load_checkpoint(cfg.model.student_path, expected=spec)
+    elif cfg.train.warm_start_epochs > 0:
+        say(f"student: warm start, {cfg.train.warm_start_epochs} epochs of server-side KD")
+        distill_on_public(
+            warm,
+            teacher.public_probs,
+            data,
+            cfg,
+            epochs=cfg.train.warm_start_epochs,
+            seed=cfg.seed,
+            teacher=teacher.model,
+        )
+    pruner = None
+    if resume_from is None and schedule.prunes_in_warm_start:
+        pruner = prune_in_warm_start(
+            warm, init, schedule, teacher.public_probs, data, cfg, teacher.model, say
+        )
+    if resume_from is None and (schedule.prune_method == "filter" or schedule.lowrank_kind):
+        warm, structure = structural_compress(warm, schedule)
+        say(f"student: structural compression ({count_params(warm)} params), fine-tuning")
+        distill_on_public(
+            warm, teacher.public_probs, data, cfg, epochs=STRUCTURAL_FINETUNE_EPOCHS, seed=cfg.seed
+        )
+    return StudentStart(
+        init=init, random_init=random_init, warm=warm, structure=structure, pruner=pruner
+    )
+
+
+def _summary(model: nn.Module, data: FederatedData, teacher: TeacherPhase) -> dict[str, Any]:
+    """A model's report block on the devices' test split (FP32 parameter bytes)."""
+    probs = softmax_np(predict_logits(model, data.test.x))
+    n = count_params(model)
+    return model_summary(
+        probs,
+        data.test.y,
+        data.num_classes,
+        params=n,
+        nbytes=4 * n,
+        teacher_probs=teacher.test_probs,
+    )
+
+
+def run_report(
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    teacher: TeacherPhase,
+    start: StudentStart,
+    student: nn.Module,
+    rounds: list[dict[str, Any]],
+    masks: Masks,
+    schedule: CompressionSchedule,
+) -> dict[str, Any]:
+    """``report.json`` as far as the federation decides it (README: Outputs)."""
+    return {
         "edgekd_version": __version__,
         "config": cfg.to_flat(),
         "dataset": {
@@ -490,18 +598,16 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
             "test": len(data.test),
         },
         "teacher": {
-            **summary(teacher),
-            "server_domain_accuracy": report_accuracy(teacher_server, data.server_test.y),
-            "onnx_sha256": sha256_hex(teacher_onnx),
-            "onnx_bytes": len(teacher_onnx),
+            **_summary(teacher.model, data, teacher),
+            "server_domain_accuracy": report_accuracy(teacher.server_probs, data.server_test.y),
+            "onnx_sha256": sha256_hex(teacher.onnx),
+            "onnx_bytes": len(teacher.onnx),
         },
         "student": {
-            **summary(student),
+            **_summary(student, data, teacher),
             "sparsity": sparsity_of(masks),
             "bits": schedule.bits,
-            "bytes": artifact_bytes,
-            "nonzero_params": int(sum(np.count_nonzero(v) for v in shipped.values())),
-            "structure": structure,
+            "structure": start.structure,
             "warm_start_accuracy": rounds[0].get("accuracy"),
             "dark_knowledge": dark_knowledge(
                 softmax_np(predict_logits(student, data.test.x)), data.test.y, data.num_classes
@@ -509,34 +615,68 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         },
         "rounds": rounds,
         # Against the student as it started: filter pruning and low-rank shrink it.
-        "communication": communication(rounds, count_params(init), count_params(teacher)),
+        "communication": communication(
+            rounds, count_params(start.init), count_params(teacher.model)
+        ),
     }
-    baseline_rounds = None
-    if cfg.baseline:
-        server_only = copy.deepcopy(init)
-        budget = cfg.train.warm_start_epochs + cfg.train.num_rounds * cfg.train.local_epochs
-        distill_on_public(
-            server_only, public_probs, data, cfg, epochs=budget, seed=cfg.seed, teacher=teacher
-        )
-        report["server_only"] = {**summary(server_only), "epochs": budget}
-        baseline, baseline_rounds, _ = run_federation(
-            grid,
-            cfg,
-            data,
-            student_spec,
-            random_init,
-            mode="ce",
-            teacher=None,
-            teacher_onnx=teacher_onnx,
-            public_probs=public_probs,
-            label="fedavg baseline",
-            show_progress=show_progress,
-        )
-        report["baseline"] = summary(baseline)
-        report["baseline_rounds"] = baseline_rounds
-    report["seconds"] = time.perf_counter() - started
 
-    save_checkpoint(student, student_spec, str(out_dir / "student.pt"))
+
+def baselines(
+    grid: Grid,
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    spec: ModelSpec,
+    teacher: TeacherPhase,
+    start: StudentStart,
+    report: dict[str, Any],
+    show_progress: bool,
+) -> list[dict[str, Any]]:
+    """``--baseline``: server-only KD with the same epoch budget, and FedAvg without a
+    teacher from the same random student; adds both to ``report``, returns FedAvg's rounds."""
+    server_only = copy.deepcopy(start.init)
+    budget = cfg.train.warm_start_epochs + cfg.train.num_rounds * cfg.train.local_epochs
+    distill_on_public(
+        server_only,
+        teacher.public_probs,
+        data,
+        cfg,
+        epochs=budget,
+        seed=cfg.seed,
+        teacher=teacher.model,
+    )
+    report["server_only"] = {**_summary(server_only, data, teacher), "epochs": budget}
+    baseline, baseline_rounds, _ = run_federation(
+        grid,
+        cfg,
+        data,
+        spec,
+        start.random_init,
+        mode="ce",
+        teacher=None,
+        teacher_onnx=teacher.onnx,
+        public_probs=teacher.public_probs,
+        label="fedavg baseline",
+        show_progress=show_progress,
+    )
+    report["baseline"] = _summary(baseline, data, teacher)
+    report["baseline_rounds"] = baseline_rounds
+    return baseline_rounds
+
+
+def write_exports(
+    out_dir: Path,
+    cfg: EdgeKDConfig,
+    data: FederatedData,
+    student: nn.Module,
+    spec: ModelSpec,
+    teacher: TeacherPhase,
+    rounds: list[dict[str, Any]],
+    baseline_rounds: list[dict[str, Any]] | None,
+    report: dict[str, Any],
+) -> None:
+    """Checkpoints, rounds, plots, the ONNX and INT8 ONNX students (checked against the
+    raspberry-pi gate into ``report["student_int8"]``), and ``report.json``."""
+    save_checkpoint(student, spec, str(out_dir / "student.pt"))
     write_rounds(out_dir / "rounds.jsonl", rounds)
     write_plots(
         out_dir,
@@ -545,19 +685,15 @@ def run_edgekd(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> 
         data.test.y,
         baseline_rounds,
     )
-    save_checkpoint(int8_weight_fake_quant(student), student_spec, str(out_dir / "student.int8.pt"))
+    save_checkpoint(int8_weight_fake_quant(student), spec, str(out_dir / "student.int8.pt"))
     student_onnx = export_onnx_bytes(student, data.input_shape)
     (out_dir / "student.onnx").write_bytes(student_onnx)
     int8_path = out_dir / "student.int8.onnx"
     int8_path.write_bytes(quantize_onnx_int8(student_onnx, data.public.x[:CALIBRATION_SAMPLES]))
-    report["student_int8"] = check_int8_export(int8_path, student, data, teacher_test)
+    report["student_int8"] = check_int8_export(int8_path, student, data, teacher.test_probs)
     if not report["student_int8"]["ok"]:
         log.warning("INT8 export: %s", "; ".join(report["student_int8"]["problems"]))
     write_json_atomic(out_dir / "report.json", report)
-    say("fidelity reports: FP32 and INT8 ONNX student (edgekd inspect)")
-    report["fidelity"] = fidelity_summaries(out_dir, cfg)
-    write_json_atomic(out_dir / "report.json", report)
-    return out_dir
 
 
 # Reasons kept per round record: enough to see every kind of fault in a drill.
