@@ -1,0 +1,567 @@
+"""`build_bundle`: a student checkpoint into a bundle for a device profile, every
+export checked against the torch student before the bundle is moved into place."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekd.common.errors import one_line_error
+from edgekd.deploy.bundle.layout import (
+    DEFAULT_DEVICE_DATA_DIR,
+    DEFAULT_SUPERLINK,
+    FEATURES,
+    HEAD,
+    HEAD_STEP,
+    INFERENCE,
+    MANIFEST,
+    MANIFEST_VERSION,
+    PARITY_DATA,
+    PARITY_SAMPLES,
+    REFERENCE,
+    BundleError,
+    _Artifact,
+    _sha256,
+    _sha256_file,
+)
+from edgekd.deploy.host import int8_host
+from edgekd.deploy.parity import (
+    ParityError,
+    ParityResult,
+    measure_parity,
+    parity_problems,
+    predictor_for,
+)
+from edgekd.deploy.profiles import DeviceProfile, load_profile
+from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
+from edgekd.deploy.signing import SignatureError, sign_manifest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgekd.common.config import EdgeKDConfig
+    from edgekd.common.data import FederatedData
+
+from edgekd.deploy.bundle.check import _feature_path_parity, _head_arrays, _torch_device
+from edgekd.deploy.bundle.templates import _text_files
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ build
+def build_bundle(
+    model_path: str | Path,
+    target: str | Path,
+    out_dir: str | Path,
+    *,
+    superlink: str = DEFAULT_SUPERLINK,
+    data_dir: str = DEFAULT_DEVICE_DATA_DIR,
+    run_dir: str | Path | None = None,
+    force: bool = False,
+    sign_key: str | Path | None = None,
+) -> Path:
+    """Build the bundle of ``model_path`` for ``target`` into ``out_dir``; return its path.
+
+    Args:
+        model_path: Student checkpoint (`edgekd.common.models.save_checkpoint` format).
+        target: A shipped profile name (``raspberry-pi``, ``android``, ``jetson``) or a
+            profile TOML path.
+        out_dir: The bundle folder; must be absent or empty unless ``force``.
+        superlink: ``HOST:PORT`` of the SuperLink's Fleet API, written to ``client.toml``.
+        data_dir: The device's local data folder, written to ``client.toml``.
+        run_dir: Run folder whose ``report.json`` gives the data config (default: the
+            checkpoint's folder).
+        force: Replace an existing bundle in ``out_dir`` (only once the new one is
+            complete); a non-empty folder that is not a bundle is never replaced.
+        sign_key: Private key that signs ``manifest.json`` (`edgekd.deploy.signing`).
+
+    Raises:
+        BundleError: unreadable checkpoint, a student that does not fit the run's data,
+            a model over the profile's size budget, ``out_dir`` not empty, or an export
+            the target needs is unavailable (e.g. android without ``litert-torch``).
+        ParityError: an exported model misses the profile's parity thresholds.
+        ProfileError: unknown or malformed profile.
+    """
+    model_path, out = Path(model_path), Path(out_dir)
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BundleError(f"superlink must be HOST:PORT, got '{superlink}'")
+    _refuse_occupied(out, force)
+    profile = load_profile(target)
+    model, spec = _load_student(model_path)
+    cfg, data_note = _run_config(Path(run_dir) if run_dir is not None else model_path.parent)
+    data = _load_data(cfg)
+    if (spec.in_channels, spec.input_size, spec.num_classes) != (
+        data.input_shape[0],
+        data.input_shape[-1],
+        data.num_classes,
+    ):
+        raise BundleError(
+            f"{model_path} takes {spec.in_channels}x{spec.input_size} inputs and "
+            f"{spec.num_classes} classes, but the run's data has shape {data.input_shape} and "
+            f"{data.num_classes} classes"
+        )
+    from edgekd.deploy.parity import torch_predictor
+
+    test_x, test_y = data.test.x, data.test.y
+    reference = torch_predictor(model)(test_x)
+    head_weight, head_bias, num_features = _head_of(model, profile)
+    artifacts, notes = _model_artifacts(model, model_path, profile, data)
+    notes = [data_note, *notes] if data_note else notes
+    n = min(PARITY_SAMPLES, len(test_y))
+    artifacts.append(_npz(PARITY_DATA, x=test_x[:n], y=test_y[:n], logits=reference[:n]))
+    if profile.training_mode == "head-only":
+        artifacts.append(_npz(HEAD, weight=head_weight, bias=head_bias))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for artifact in artifacts:
+            (tmp / artifact.name).write_bytes(artifact.data)
+        parity = _build_parity(tmp, artifacts, profile, test_x, test_y, reference)
+        inference = next(a for a in artifacts if a.role == INFERENCE)
+        size = len(inference.data)
+        if size > profile.budget.max_model_bytes:
+            raise BundleError(
+                f"{inference.name} is {size:,} bytes, over {profile.name}'s max_model_bytes "
+                f"{profile.budget.max_model_bytes:,} by {size - profile.budget.max_model_bytes:,}"
+            )
+        texts = _text_files(profile, artifacts, superlink, data_dir)
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        manifest = _manifest(
+            tmp,
+            profile=profile,
+            artifacts=artifacts,
+            parity=parity,
+            model_path=model_path,
+            spec=spec.to_dict(),
+            data=data,
+            cfg=cfg,
+            num_features=num_features,
+            calibration=min(CALIBRATION_SAMPLES, len(data.public)),
+            parity_samples=n,
+            notes=notes,
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if sign_key is not None:
+            try:
+                sign_manifest(tmp, Path(sign_key))
+            except SignatureError as exc:
+                raise BundleError(str(exc)) from None
+        _install(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _refuse_occupied(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BundleError(f"{out} is not empty; pass force=True (--force) to replace it")
+        if not (out / MANIFEST).is_file():  # force replaces bundles, never other folders
+            raise BundleError(
+                f"{out} is not empty and is not a bundle (no {MANIFEST}): not replaced"
+            )
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished bundle into place; an old one is removed only afterwards."""
+    _refuse_occupied(out, force)  # again: something may have appeared while building
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        else:
+            out.rmdir()
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a service
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_student(model_path: Path) -> tuple[nn.Module, Any]:
+    from edgekd.common.models import CheckpointError, load_checkpoint
+
+    try:
+        model, spec = load_checkpoint(str(model_path))
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from None
+    return model.eval(), spec
+
+
+def _run_config(run_dir: Path) -> tuple[EdgeKDConfig, str]:
+    """The run's config from ``run_dir/report.json``, or the defaults and a note saying so."""
+    from edgekd.common.config import ConfigError, EdgeKDConfig
+
+    report = run_dir / "report.json"
+    if not report.is_file():
+        note = (
+            f"no report.json in {run_dir}: calibration and parity data come from the "
+            "default config (mnist1d, seed 42); pass run_dir (--run) if the student was "
+            "trained on other data"
+        )
+        log.warning(note)
+        return EdgeKDConfig(), note
+    try:
+        config = json.loads(report.read_text())["config"]
+        return EdgeKDConfig().with_overrides(config), ""
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{report} has no readable 'config': {exc}") from None
+    except ConfigError as exc:
+        raise BundleError(f"{report}: {exc}") from None
+
+
+def _load_data(cfg: EdgeKDConfig) -> FederatedData:
+    from edgekd.common.data import load_federated_data
+    from edgekd.common.data_files import DataFileError
+
+    try:
+        return load_federated_data(cfg.data, cfg.seed)
+    except DataFileError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def _head_of(model: nn.Module, profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray, int]:
+    """The linear head's weights and its input width (D)."""
+    from edgekd.deploy.head_step import split_student
+
+    try:
+        _, head = split_student(model)
+    except TypeError as exc:
+        if profile.training_mode == "head-only":
+            raise BundleError(f"{profile.name} trains the head on the device: {exc}") from None
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0
+    weight = head.weight.detach().cpu().numpy().astype(np.float32)
+    bias = head.bias.detach().cpu().numpy().astype(np.float32)
+    return weight, bias, int(weight.shape[1])
+
+
+def _npz(name: str, **arrays: Any) -> _Artifact:  # Any: numpy types savez oddly
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return _Artifact(name, buffer.getvalue())
+
+
+def slim_onnx(model_bytes: bytes) -> bytes:
+    """The same ONNX graph without what a runtime never reads: value_info (shape
+    inference results), node names and doc strings, all-zero zero points of weight
+    DequantizeLinear nodes (0 is the default), and long internal tensor names (renamed
+    ``t0, t1, ...``; graph inputs and outputs keep their names). For a 3k-parameter QDQ
+    student this halves the file: the names outweigh the INT8 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    del graph.value_info[:]
+    graph.doc_string = ""
+    model.doc_string = ""
+    initializers = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3:
+            source, zero = initializers.get(node.input[0]), initializers.get(node.input[2])
+            if source is not None and zero is not None:
+                if not numpy_helper.to_array(zero).any():
+                    del node.input[2]
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in fixed:
+            return name
+        return renamed.setdefault(name, f"t{len(renamed)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _model_artifacts(
+    model: nn.Module, model_path: Path, profile: DeviceProfile, data: FederatedData
+) -> tuple[list[_Artifact], list[str]]:
+    """The model files of ``profile``'s backend, and notes on what was left out."""
+    from edgekd.deploy.onnx_export import export_onnx_bytes
+
+    shape = data.input_shape
+    notes: list[str] = []
+    if profile.backend == "onnxruntime":
+        from edgekd.deploy.head_step import export_feature_extractor_onnx, export_head_step_onnx
+
+        fp32 = slim_onnx(export_onnx_bytes(model, shape))
+        artifacts = [_Artifact("student_fp32.onnx", fp32, REFERENCE, "fp32")]
+        if profile.precision == "int8":
+            calibration = data.public.x[:CALIBRATION_SAMPLES]
+            int8 = slim_onnx(quantize_onnx_int8(export_onnx_bytes(model, shape), calibration))
+            artifacts.insert(0, _Artifact("student_int8.onnx", int8, INFERENCE, "int8"))
+        else:
+            artifacts[0].role = INFERENCE
+        weight, _, _ = _head_of(model, profile)
+        features = slim_onnx(export_feature_extractor_onnx(model, shape))
+        step = export_head_step_onnx(int(weight.shape[1]), data.num_classes)
+        artifacts += [
+            _Artifact("features.onnx", features, FEATURES, "fp32"),
+            _Artifact("head_step.onnx", slim_onnx(step), HEAD_STEP, "fp32"),
+        ]
+        return artifacts, notes
+    if profile.backend == "litert":
+        return _litert_artifacts(model, profile, data)
+    # torch (jetson): the checkpoint as given, plus the ONNX alternative.
+    fp32 = slim_onnx(export_onnx_bytes(model, shape))
+    return [
+        _Artifact("student.pt", model_path.read_bytes(), INFERENCE, profile.precision),
+        _Artifact("student_fp32.onnx", fp32, REFERENCE, "fp32"),
+    ], notes
+
+
+def _litert_artifacts(
+    model: nn.Module, profile: DeviceProfile, data: FederatedData
+) -> tuple[list[_Artifact], list[str]]:
+    try:
+        from edgekd.deploy.tflite_export import (
+            export_features_tflite,
+            export_head_step_tflite,
+            export_student_tflite,
+        )
+
+        fp32 = export_student_tflite(model, data.input_shape, batch_size=1)
+    except ImportError as exc:
+        raise BundleError(f"target {profile.name}: {exc}") from None
+    notes: list[str] = []
+    artifacts = [_Artifact("student.tflite", fp32, REFERENCE, "fp32")]
+    if profile.precision == "int8-weights":
+        try:
+            int8 = export_student_tflite(model, data.input_shape, batch_size=1, int8=True)
+            artifacts.insert(0, _Artifact("student_int8.tflite", int8, INFERENCE, "int8-weights"))
+        except Exception as exc:  # noqa: BLE001 - any quantizer failure means "no INT8 here"
+            notes.append(
+                f"INT8-weight TFLite export unavailable ({one_line_error(exc)}); "
+                f"student.tflite (FP32, the profile's fallback precision) serves inference"
+            )
+    if not any(a.role == INFERENCE for a in artifacts):
+        artifacts[0].role = INFERENCE
+        artifacts[0].note = "FP32: no INT8 export"
+    batch = profile.training_batch_size
+    weight, _, _ = _head_of(model, profile)
+    artifacts += [
+        _Artifact(
+            "features.tflite",
+            export_features_tflite(model, data.input_shape, batch),
+            FEATURES,
+            "fp32",
+            f"static batch {batch}",
+        ),
+        _Artifact(
+            "head_step.tflite",
+            export_head_step_tflite(int(weight.shape[1]), data.num_classes, batch),
+            HEAD_STEP,
+            "fp32",
+            f"static batch {batch}; signatures train and infer",
+        ),
+    ]
+    return artifacts, notes
+
+
+# ------------------------------------------------------------------ parity at build time
+def _build_parity(
+    folder: Path,
+    artifacts: list[_Artifact],
+    profile: DeviceProfile,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """Parity of every model file on the full test split; raise `ParityError` on a miss."""
+    out: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for artifact in artifacts:
+        if artifact.role in (INFERENCE, REFERENCE):
+            result = _student_parity(folder / artifact.name, artifact, profile, x, y, reference)
+        elif artifact.role == FEATURES:
+            step = next(a.name for a in artifacts if a.role == HEAD_STEP)
+            result = _feature_path_parity(folder, artifact.name, step, x, y, reference)
+        elif artifact.role == HEAD_STEP:
+            out[artifact.name] = _head_step_parity(folder, artifacts, profile, x, y, reference)
+            problems += out[artifact.name].pop("problems")
+            continue
+        else:
+            continue
+        out[artifact.name] = result.to_dict()
+        problems += parity_problems(result, profile)
+    if problems:
+        raise ParityError("; ".join(problems))
+    return out
+
+
+def _student_parity(
+    path: Path,
+    artifact: _Artifact,
+    profile: DeviceProfile,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray,
+) -> ParityResult:
+    precision = artifact.precision
+    device, fp16 = "cpu", False
+    if path.suffix == ".pt":
+        device, fp16 = _torch_device(profile)
+        precision = "fp16" if fp16 else "fp32"
+        if precision != artifact.precision:
+            artifact.note = f"parity measured in {precision} on {device}: no CUDA on this host"
+    predict, runtime = predictor_for(
+        path, threads=1, providers=profile.execution_providers, device=device, fp16=fp16
+    )
+    return measure_parity(
+        predict(x), reference, y, model_file=path.name, precision=precision, runtime=runtime
+    )
+
+
+def _edge_runtime(folder: Path, artifacts: list[_Artifact], threads: int = 1) -> Any:
+    from edgekd.deploy.runtimes import runtime_for
+
+    features = next(a.name for a in artifacts if a.role == FEATURES)
+    step = next(a.name for a in artifacts if a.role == HEAD_STEP)
+    return runtime_for(str(folder / features), str(folder / step), threads=threads)
+
+
+def _head_step_parity(
+    folder: Path,
+    artifacts: list[_Artifact],
+    profile: DeviceProfile,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray,
+) -> dict[str, Any]:
+    """One step of the exported head-step graph against `HeadKDStep` in torch, on the
+    first training batch of the test split with the torch logits as the teacher: the new
+    weights may differ by at most the profile's FP32 logit tolerance."""
+    import torch
+
+    from edgekd.deploy.head_step import HeadKDStep
+
+    runtime = _edge_runtime(folder, artifacts)
+    weight, bias = _head_arrays(folder)
+    n = min(profile.training_batch_size, len(y))
+    features = runtime.features(x[:n])
+    class_weights = np.ones(len(bias), dtype=np.float32)
+    settings = (4.0, 0.5, 0.1)  # temperature, alpha, lr: a large lr makes the step visible
+    new_w, new_b, loss = runtime.head_step(
+        features, y[:n], reference[:n], weight, bias, class_weights, *settings
+    )
+    with torch.no_grad():
+        floats = (reference[:n], weight, bias, class_weights)
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (features, y[:n])]
+        tensors += [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in floats]
+        ref_w, ref_b, ref_loss = HeadKDStep()(
+            *tensors, *(torch.tensor(v, dtype=torch.float32) for v in settings)
+        )
+    diff = max(
+        float(np.abs(new_w - ref_w.numpy()).max()), float(np.abs(new_b - ref_b.numpy()).max())
+    )
+    step = next(a.name for a in artifacts if a.role == HEAD_STEP)
+    limit = profile.parity.max_abs_logit_diff_fp32
+    problems = []
+    if not (np.isfinite(loss) and diff <= limit):
+        problems.append(
+            f"{step}: one KD step differs from torch's HeadKDStep by {diff:.4g} in the "
+            f"weights (loss {loss:.4g}), over {profile.name}'s FP32 tolerance {limit:g} "
+            f"by {diff - limit:.4g}"
+        )
+    return {
+        "model_file": step,
+        "precision": "fp32",
+        "samples": n,
+        "max_abs_weight_diff": diff,
+        "loss": float(loss),
+        "torch_loss": float(ref_loss),
+        "problems": problems,
+    }
+
+
+# ------------------------------------------------------------------ manifest
+def _manifest(
+    folder: Path,
+    *,
+    profile: DeviceProfile,
+    artifacts: list[_Artifact],
+    parity: dict[str, dict[str, Any]],
+    model_path: Path,
+    spec: dict[str, Any],
+    data: FederatedData,
+    cfg: EdgeKDConfig,
+    num_features: int,
+    calibration: int,
+    parity_samples: int,
+    notes: list[str],
+) -> dict[str, Any]:
+    from edgekd import __version__
+
+    meta = {a.name: a for a in artifacts}
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.iterdir()):
+        entry: dict[str, Any] = {"sha256": _sha256_file(path), "bytes": path.stat().st_size}
+        artifact = meta.get(path.name)
+        if artifact is not None and artifact.role:
+            entry.update(role=artifact.role, precision=artifact.precision)
+            entry["parity"] = parity.get(path.name)
+            if artifact.note:
+                entry["note"] = artifact.note
+        files[path.name] = entry
+    inference = next(a.name for a in artifacts if a.role == INFERENCE)
+    return {
+        "format_version": MANIFEST_VERSION,
+        "edgekd_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "target": profile.name,
+        "profile": profile.to_dict(),
+        "profile_source": Path(profile.source).name,
+        "inference_model": inference,
+        "model": {
+            "source": str(model_path),
+            "source_sha256": _sha256(model_path.read_bytes()),
+            "spec": spec,
+            "input_shape": list(data.input_shape),
+            "input_name": "x",
+            "output_name": "logits",
+            "num_features": num_features,
+            "num_classes": data.num_classes,
+            "class_names": data.class_names,
+        },
+        "data": {
+            "dataset": cfg.data.dataset,
+            "num_samples": cfg.data.num_samples,
+            "client_shift": cfg.data.client_shift,
+            "seed": cfg.seed,
+            "calibration_split": "public",
+            "calibration_samples": calibration,
+            "parity_split": "test",
+            "parity_samples_at_build": int(len(data.test)),
+            "parity_samples_shipped": parity_samples,
+        },
+        "files": files,
+        # Where the parity above was measured: INT8 kernels differ between CPUs.
+        "build_host": int8_host(),
+        "notes": notes,
+    }
