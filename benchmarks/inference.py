@@ -73,14 +73,14 @@ def _row(
 def run(run_dir: Path, threads: int) -> dict[str, Any]:
     import torch
 
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import load_federated_data
-    from edgekd.common.models import load_checkpoint
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import load_federated_data
     from edgekd.deploy.bundle import slim_onnx
     from edgekd.deploy.host import describe_host, int8_host
     from edgekd.deploy.onnx_export import export_onnx_bytes
     from edgekd.deploy.parity import onnx_predictor, tflite_predictor, torch_predictor
     from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
+    from edgekd.learn.models import load_checkpoint
 
     report = json.loads((run_dir / "report.json").read_text())
     cfg = EdgeKDConfig().with_overrides(report["config"])

@@ -22,9 +22,8 @@ from typing import Any
 
 
 def run(run_dir: Path) -> dict[str, Any]:
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import load_federated_data
-    from edgekd.common.models import load_checkpoint
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import load_federated_data
     from edgekd.deploy.host import int8_host
     from edgekd.deploy.onnx_export import export_onnx_bytes
     from edgekd.deploy.parity import avx2_emulator, emulated_avx2_predictor, onnx_predictor
@@ -34,6 +33,7 @@ def run(run_dir: Path) -> dict[str, Any]:
         quantize_onnx_int8,
         static_qdq,
     )
+    from edgekd.learn.models import load_checkpoint
 
     report = json.loads((run_dir / "report.json").read_text())
     cfg = EdgeKDConfig().with_overrides(report["config"])

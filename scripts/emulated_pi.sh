@@ -185,8 +185,8 @@ if [[ $DATA == npz ]]; then
 import sys
 from pathlib import Path
 import numpy as np
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.data import client_split, load_federated_data
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.data import client_split, load_federated_data
 out, sets = Path(sys.argv[1]), dict(s.split("=", 1) for s in sys.argv[2:])
 cfg = EdgeKDConfig().with_overrides(sets)
 train, val = client_split(load_federated_data(cfg.data, cfg.seed), cfg.data.partition, 0, 2,

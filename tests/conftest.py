@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.common.config import EdgeKDConfig
+from edgekd.core.config import EdgeKDConfig
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.cli import main
-from edgekd.common.config import EdgeKDConfig
+from edgekd.cli.main import main
+from edgekd.core.config import EdgeKDConfig
 from edgekd.server.checkpoint import RunCheckpoint, save_run_checkpoint
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -7,8 +7,8 @@ import argparse
 import re
 from pathlib import Path
 
-from edgekd.cli import make_parser
-from edgekd.common.config import flat_defaults
+from edgekd.cli.main import make_parser
+from edgekd.core.config import flat_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))

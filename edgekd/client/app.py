@@ -28,13 +28,13 @@ from edgekd.client.edge_client import (
     torch_placement,
 )
 from edgekd.client.faults import make_fault_mod
-from edgekd.common import records as R
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.data import ArrayDataset, client_split, load_federated_data
-from edgekd.common.round_settings import RoundSettings, config_scalar
-from edgekd.common.specs import ModelSpec, spec_for
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.data import ArrayDataset, client_split, load_federated_data
+from edgekd.core.round_settings import RoundSettings, config_scalar
+from edgekd.core.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.wire.payload import record_to_state, state_to_record
 
 HEAD_ONLY_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train the head only
 

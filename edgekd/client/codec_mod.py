@@ -1,7 +1,7 @@
 """ClientApp mod that speaks the payload codec, so the handlers see plain arrays.
 
 Flower mods are middleware (``mod(msg, context, call_next)``). This one, on the way
-in, decodes the student from `edgekd.codec` (shape manifest from the config; INT8
+in, decodes the student from `edgekd.wire.codec` (shape manifest from the config; INT8
 values dequantized; masks unpacked, or taken from this node's cache when the server
 knows the node already holds that mask version) and hands the masks to the handler
 as the ``R.MASKS`` record. On the way out it encodes the trained student the way the
@@ -24,7 +24,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from edgekd.codec import (
+from edgekd.core import records as R
+from edgekd.wire.codec import (
     MASK_SUFFIX,
     Held,
     decode_state,
@@ -39,8 +40,7 @@ from edgekd.codec import (
     reference_from_manifest,
     unpack_record,
 )
-from edgekd.common import records as R
-from edgekd.payload import PayloadError, record_to_state, state_to_record
+from edgekd.wire.payload import PayloadError, record_to_state, state_to_record
 
 _MASKS_STATE = "edgekd.masks"  # context.state keys: the cached masks and their version
 _MASKS_VERSION = "edgekd.masks-version"

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from edgekd.common import records as R
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.errors import EdgeKDError
-from edgekd.common.round_settings import RoundSettings, config_scalar, round_seed
-from edgekd.common.specs import spec_for
 from edgekd.continual.scenario import client_stream, proxy_digest
 from edgekd.continual.streams import TaskStream, task_client_split
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.errors import EdgeKDError
+from edgekd.core.round_settings import RoundSettings, config_scalar, round_seed
+from edgekd.core.specs import spec_for
+from edgekd.wire.payload import record_to_state, state_to_record
 
 if TYPE_CHECKING:
     from edgekd.continual.regularizers import ContinualRegularizer
@@ -51,8 +51,8 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
     """One round of local continual training; see the module docstring."""
     import torch
 
-    from edgekd.common.models import model_state
     from edgekd.continual.learner import train_task
+    from edgekd.learn.models import model_state
 
     torch.set_num_threads(1)  # one simulated client per core
     config = msg.content.config_records[R.CONFIG]
@@ -107,9 +107,9 @@ def handle_warm_up(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message
     partitioners, the stream and this node's share of the first task) and take one
     throw-away optimizer step (torch imports more on the first one), so that the first
     method's clock does not include any of it."""
-    from edgekd.common.models import build_model
     from edgekd.continual.learner import train_task
     from edgekd.continual.regularizers import NaiveFineTuning
+    from edgekd.learn.models import build_model
 
     stream = client_stream(cfg)
     pid = int(config_scalar(context.node_config, R.PARTITION_ID))
@@ -223,7 +223,7 @@ def _proxy(
 def _load_student(cfg: EdgeKDConfig, stream: TaskStream, state: Mapping[str, np.ndarray]) -> Any:
     import torch
 
-    from edgekd.common.models import build_model
+    from edgekd.learn.models import build_model
 
     model = build_model(spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from edgekd.common import records as R
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.data import ArrayDataset
-from edgekd.common.errors import EdgeKDError
-from edgekd.common.round_settings import RoundSettings
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.data import ArrayDataset
+from edgekd.core.errors import EdgeKDError
+from edgekd.core.round_settings import RoundSettings
+from edgekd.wire.payload import record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
@@ -152,7 +152,7 @@ def edge_data(
     """The node's (train, validation) data: the bundle's data folder, or a demo share."""
     node = context.node_config
     if R.PARTITION_ID in node:
-        from edgekd.common.data import client_split, load_federated_data
+        from edgekd.core.data import client_split, load_federated_data
 
         data = load_federated_data(cfg.data, cfg.seed)
         return client_split(

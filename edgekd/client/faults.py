@@ -27,9 +27,9 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from edgekd.common import records as R
-from edgekd.common.config import parse_fault, parse_fault_plan
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.core.config import parse_fault, parse_fault_plan
+from edgekd.wire.payload import record_to_state, state_to_record
 
 TRAIN = "train"
 

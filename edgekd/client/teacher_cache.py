@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.common.data import cache_dir
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.data import cache_dir
+from edgekd.core.errors import EdgeKDError
 
 
 class TeacherMissingError(EdgeKDError, RuntimeError):

@@ -14,13 +14,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from edgekd.common.compression import keep_pruned_at_zero, plain_state
-from edgekd.common.compression import training_view as make_training_view
-from edgekd.common.data import ArrayDataset
-from edgekd.common.metrics import classification_metrics
-from edgekd.common.models import ModelSpec, load_for_state
-from edgekd.common.round_settings import RoundSettings
-from edgekd.common.training import KDSettings, kd_train, predict_logits, softmax_np
+from edgekd.core.data import ArrayDataset
+from edgekd.core.metrics import classification_metrics
+from edgekd.core.round_settings import RoundSettings
+from edgekd.learn.compression import keep_pruned_at_zero, plain_state
+from edgekd.learn.compression import training_view as make_training_view
+from edgekd.learn.models import ModelSpec, load_for_state
+from edgekd.learn.training import KDSettings, kd_train, predict_logits, softmax_np
 
 
 def local_kd_update(

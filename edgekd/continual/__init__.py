@@ -14,7 +14,7 @@ imports flwr:
 * `edgekd.continual.metrics` (numpy): average accuracy, forgetting, BWT and FWT;
 * `edgekd.continual.scenario` (numpy): the clients' stream and the server's separate draw
   of every task, built from the run's config;
-* `edgekd.continual.plots` (matplotlib): the accuracy-matrix heatmap and per-task curves.
+* `edgekd.reporting.continual_plots` (matplotlib): the accuracy-matrix heatmap and per-task curves.
 
 The Flower side is `edgekd.server.continual` (strategy, per-round scoring, report) and
 `edgekd.client.continual_client` (the node's handler and its ``context.state``).

@@ -2,7 +2,7 @@
 
 :func:`train_task` is the unit a federated client runs each round on its share of the
 current task: the task loss plus a :class:`~edgekd.continual.regularizers.ContinualRegularizer`
-penalty, with Adam and gradient clipping as `edgekd.common.training.kd_train`.
+penalty, with Adam and gradient clipping as `edgekd.learn.training.kd_train`.
 :func:`run_sequential` chains it over a whole :class:`~edgekd.continual.streams.TaskStream`
 on one machine (no federation), for tests and quick comparisons of the methods; a Flower
 adapter reuses :func:`train_task` and the regularizers' ``state_dict``.
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.common.kd import inverse_frequency_class_weights, sample_weights_for
-from edgekd.common.training import DivergenceError, predict_logits, seed_everything
 from edgekd.continual.metrics import summarize
 from edgekd.continual.regularizers import ContinualRegularizer, make_regularizer
 from edgekd.continual.streams import TaskStream
+from edgekd.learn.kd import inverse_frequency_class_weights, sample_weights_for
+from edgekd.learn.training import DivergenceError, predict_logits, seed_everything
 
 __all__ = ["evaluate_stream", "run_sequential", "train_task"]
 
@@ -50,14 +50,14 @@ def train_task(
 
         loss = alpha * mean_{i in B u R} w_i * CE(z_i, y_i) + penalty(model, x_B, z_B, y_B, p_t,B),
 
-    where ``w_i`` are `edgekd.common.kd.inverse_frequency_class_weights` of the task's labels
+    where ``w_i`` are `edgekd.learn.kd.inverse_frequency_class_weights` of the task's labels
     when ``class_weighting`` (replayed samples, whose classes may be absent from the task,
     get weight 1), else 1. The penalty sees only the current batch. With
     ``TeacherKD(weight=1 - alpha, temperature=tau)`` and no class weights this is exactly
-    the Hinton KD loss of `edgekd.common.kd.class_balanced_kd_loss`.
+    the Hinton KD loss of `edgekd.learn.kd.class_balanced_kd_loss`.
 
     Adam, gradient-norm clipping at ``clip_norm`` and a seeded shuffling generator, as in
-    `edgekd.common.training.kd_train`: the same model, data and seed give the same weights.
+    `edgekd.learn.training.kd_train`: the same model, data and seed give the same weights.
     ``before_task`` / ``after_task`` are *not* called here; they bracket a whole task, which
     may span several calls (federated rounds).
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from edgekd.common.kd import per_sample_kl
 from edgekd.continual.streams import Task
+from edgekd.learn.kd import per_sample_kl
 
 __all__ = [
     "EWC",
@@ -54,7 +54,7 @@ def tempered_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: floa
     averaged over the batch; ``tau^2`` keeps the gradient ``tau * (p_s - p_t) / B`` on the
     scale of a cross-entropy gradient. ``teacher_probs`` are already softened at ``tau``;
     exact zeros are allowed (``0 * log 0 = 0``). This is the KD half of
-    `edgekd.common.kd.class_balanced_kd_loss`, without the CE term, which would need labels
+    `edgekd.learn.kd.class_balanced_kd_loss`, without the CE term, which would need labels
     inside the (possibly restricted) class set.
 
     Args:
@@ -139,7 +139,7 @@ class TeacherKD(ContinualRegularizer):
     Catastrophic Forgetting With Unlabeled Data in the Wild", ICCV 2019).
 
     With the task loss weighted ``alpha``, ``weight = 1 - alpha`` and no proxy the sum is
-    exactly `edgekd.common.kd.class_balanced_kd_loss` without class weights.
+    exactly `edgekd.learn.kd.class_balanced_kd_loss` without class weights.
     """
 
     name = "teacher-kd"

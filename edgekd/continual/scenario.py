@@ -23,8 +23,8 @@ import hashlib
 
 import numpy as np
 
-from edgekd.common.config import EdgeKDConfig
 from edgekd.continual.streams import TaskStream, make_stream
+from edgekd.core.config import EdgeKDConfig
 
 __all__ = ["client_stream", "proxy_digest", "server_stream"]
 

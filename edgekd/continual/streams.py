@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekd.common.config import CONTINUAL_SCENARIOS
-from edgekd.common.data import ArrayDataset, _mnist1d, generate_mnist1d, partition_indices
+from edgekd.core.config import CONTINUAL_SCENARIOS
+from edgekd.core.data import ArrayDataset, _mnist1d, generate_mnist1d, partition_indices
 
 __all__ = [
     "DOMAIN_HARDEST",
@@ -201,7 +201,7 @@ def _mnist1d_domain(
     num_samples: int, seed: int, scales: dict[str, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """mnist1d with the given noise/shear scales, as (x_train, y_train, x_test, y_test),
-    cached on disk by `edgekd.common.data.generate_mnist1d`."""
+    cached on disk by `edgekd.core.data.generate_mnist1d`."""
     raw = generate_mnist1d({"num_samples": num_samples, "seed": seed, **scales})
     return raw["x"], raw["y"], raw["x_test"], raw["y_test"]
 
@@ -211,7 +211,7 @@ def task_client_split(
 ) -> ArrayDataset:
     """One client's non-IID share of ``task``'s training set.
 
-    The partition is `edgekd.common.data.partition_indices` (flwr-datasets' IID, Dirichlet
+    The partition is `edgekd.core.data.partition_indices` (flwr-datasets' IID, Dirichlet
     or pathological partitioner) on the task's labels, seeded by ``(seed, task.id)`` so each
     task is cut afresh while every client computes the same cut without coordination. A
     pure function of ``(task, partition, client_id, num_clients, seed)``.
@@ -243,7 +243,7 @@ def make_stream(
     """Build a named mnist1d stream.
 
     * ``"class-incremental"``: ``num_samples`` samples of the plain mnist1d domain (the
-      server domain of `edgekd.common.data`, disk-cached there), shuffled by ``seed`` into
+      server domain of `edgekd.core.data`, disk-cached there), shuffled by ``seed`` into
       80 % train / 20 % test, then split by :func:`class_incremental_stream`.
     * ``"domain-incremental"``: :func:`domain_incremental_stream` with ``num_samples``
       samples *per task*.

@@ -71,7 +71,7 @@ def _fail(message: str) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from edgekd.common.errors import one_line_error
+    from edgekd.core.errors import one_line_error
 
     return one_line_error(exc)
 

@@ -6,7 +6,7 @@ so one SGD step of the class-balanced KD loss has a closed-form gradient that an
 runtime can evaluate: :class:`HeadKDStep` writes it with plain tensor ops (no
 ``torch.autograd``, no ``torch.func``), and :func:`export_head_step_onnx` exports it.
 
-The loss is exactly `edgekd.common.kd.class_balanced_kd_loss` as edgekd's client calls
+The loss is exactly `edgekd.learn.kd.class_balanced_kd_loss` as edgekd's client calls
 it (``sample_weights = class_weights[y]``, ``weight_ce=False``: the class weights scale
 the KD term only, and the batch loss is a plain mean over the batch).
 
@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from edgekd.common.records import HEAD_STEP_INPUTS, HEAD_STEP_OUTPUTS
+from edgekd.core.records import HEAD_STEP_INPUTS, HEAD_STEP_OUTPUTS
 from edgekd.deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_bytes
 
 __all__ = [
@@ -71,7 +71,7 @@ class HeadKDStep(nn.Module):
     ``n = max(sum_i m_i, 1)``. A row with label ``-1`` (PyTorch's ``ignore_index`` idea)
     therefore adds nothing to the loss, the gradient or ``n``: a runtime with a static
     batch pads a short batch with such rows and gets exactly the unpadded step. Without
-    padding ``n = B`` and ``L`` equals `edgekd.common.kd.class_balanced_kd_loss` with
+    padding ``n = B`` and ``L`` equals `edgekd.learn.kd.class_balanced_kd_loss` with
     ``sample_weights = class_weights[y]`` and ``weight_ce=False`` (its plain batch mean).
     """
 

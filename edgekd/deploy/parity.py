@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -336,7 +336,7 @@ def predictor_for(
     if suffix == ".tflite":
         return tflite_predictor(path, threads=threads), "litert"
     if suffix in (".pt", ".pth"):  # torch threads are the caller's (torch.set_num_threads)
-        from edgekd.common.models import load_checkpoint
+        from edgekd.learn.models import load_checkpoint
 
         model, _ = load_checkpoint(str(path))
         runtime = f"torch-{device}" + ("-fp16" if fp16 else "")

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 
 __all__ = [
     "BACKENDS",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -174,14 +174,14 @@ def max_weight_code(int8_onnx: bytes) -> int:
 def int8_weight_fake_quant(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose conv/linear weights are rounded per output channel to
     the export's symmetric 7-bit codes (±`SATURATION_FREE_WEIGHT_CODE`, with
-    `edgekd.common.quantization.convert_weights_int8`) and stored back as floats.
+    `edgekd.learn.quantization.convert_weights_int8`) and stored back as floats.
 
     The torch twin of the INT8 export: it runs the robustness analyses (attacks,
     certificates, per-layer sensitivity) that need gradients and head features.
     """
     import torch
 
-    from edgekd.common.quantization import convert_weights_int8, dequantize_int8
+    from edgekd.learn.quantization import convert_weights_int8, dequantize_int8
 
     out = copy.deepcopy(model)
     state = out.state_dict()

@@ -8,7 +8,7 @@ in closed form there). This module holds:
 * :class:`EdgeRuntime`: the interface (features, one head step, head logits);
 * :class:`OrtRuntime`: onnxruntime, dynamic batch;
 * :class:`LiteRTRuntime`: LiteRT (TFLite) signatures, static batch, padded;
-* :func:`inverse_frequency_class_weights`: re-exported from `edgekd.common.class_weights`;
+* :func:`inverse_frequency_class_weights`: re-exported from `edgekd.core.class_weights`;
 * :func:`local_head_kd`: the local training loop over shuffled mini-batches.
 
 numpy, onnxruntime and ``ai_edge_litert`` are imported lazily, and torch never, so this
@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgekd.common.class_weights import inverse_frequency_class_weights
-from edgekd.common.records import HEAD_STEP_INPUTS
+from edgekd.core.class_weights import inverse_frequency_class_weights
+from edgekd.core.records import HEAD_STEP_INPUTS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -372,7 +372,7 @@ def local_head_kd(
     Returns:
         ``(weight, bias, metrics)``; metrics hold ``loss`` (example-weighted mean of the
         last epoch's batch losses, each at the weights before its step, as in
-        `edgekd.common.training.kd_train`), ``steps``, ``num-examples`` and ``accuracy``
+        `edgekd.learn.training.kd_train`), ``steps``, ``num-examples`` and ``accuracy``
         (of the trained head on the local data).
 
     Raises:

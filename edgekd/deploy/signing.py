@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 
 __all__ = ["SIGNATURE", "SignatureError", "sign_manifest", "verify_manifest"]
 

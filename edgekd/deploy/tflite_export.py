@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 from edgekd.deploy.head_step import (
     HeadKDStep,
     HeadLogits,

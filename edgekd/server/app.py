@@ -24,9 +24,16 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, Result
 from torch import nn
 
 from edgekd import __version__
-from edgekd.codec import decode_state, encode_state, write_artifact
-from edgekd.common import records as R
-from edgekd.common.compression import (
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig, parse_aggregation
+from edgekd.core.data import FederatedData, load_federated_data
+from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
+from edgekd.deploy.quantize import (
+    CALIBRATION_SAMPLES,
+    int8_weight_fake_quant,
+    quantize_onnx_int8,
+)
+from edgekd.learn.compression import (
     WARM_PRUNE_EPOCHS,
     WARM_PRUNE_STEPS,
     CompressionSchedule,
@@ -35,9 +42,7 @@ from edgekd.common.compression import (
     keep_pruned_at_zero,
     structural_compress,
 )
-from edgekd.common.config import EdgeKDConfig, parse_aggregation
-from edgekd.common.data import FederatedData, load_federated_data
-from edgekd.common.models import (
+from edgekd.learn.models import (
     ModelSpec,
     build_model,
     count_params,
@@ -47,16 +52,9 @@ from edgekd.common.models import (
     save_checkpoint,
     spec_for,
 )
-from edgekd.common.pruning import prunable_parameters, sparsity_of
-from edgekd.common.training import predict_logits, seed_everything, softmax_np
-from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
-from edgekd.deploy.quantize import (
-    CALIBRATION_SAMPLES,
-    int8_weight_fake_quant,
-    quantize_onnx_int8,
-)
-from edgekd.payload import record_to_state, state_to_record
-from edgekd.report import (
+from edgekd.learn.pruning import prunable_parameters, sparsity_of
+from edgekd.learn.training import predict_logits, seed_everything, softmax_np
+from edgekd.reporting.report import (
     dark_knowledge,
     model_summary,
     write_json_atomic,
@@ -82,6 +80,8 @@ from edgekd.server.strategy import (
     metric_value,
 )
 from edgekd.server.teacher import distill_on_public, obtain_teacher, public_soft_targets
+from edgekd.wire.codec import decode_state, encode_state, write_artifact
+from edgekd.wire.payload import record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
 STRUCTURAL_FINETUNE_EPOCHS = 10  # server-side KD after filter pruning / factorization
@@ -769,7 +769,7 @@ def fidelity_summaries(out_dir: Path, cfg: EdgeKDConfig) -> dict[str, Any]:
     """`edgekd inspect` of the FP32 and the INT8 ONNX student, each into its own folder.
 
     A failure here is logged and recorded, never allowed to lose the finished run."""
-    from edgekd.inspect import run_inspect, summarize
+    from edgekd.inspection import run_inspect, summarize
 
     out: dict[str, Any] = {}
     for name, student in (("fp32", "student.pt"), ("int8_onnx", "student.int8.onnx")):

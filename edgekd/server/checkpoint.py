@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1

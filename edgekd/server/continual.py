@@ -49,10 +49,14 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from edgekd import __version__
-from edgekd.common import records as R
-from edgekd.common.config import CONTINUAL_METHODS, EdgeKDConfig
-from edgekd.common.data import ArrayDataset, FederatedData
-from edgekd.common.models import (
+from edgekd.continual.learner import evaluate_stream
+from edgekd.continual.metrics import summarize
+from edgekd.continual.scenario import client_stream, proxy_digest, server_stream
+from edgekd.continual.streams import TaskStream
+from edgekd.core import records as R
+from edgekd.core.config import CONTINUAL_METHODS, EdgeKDConfig
+from edgekd.core.data import ArrayDataset, FederatedData
+from edgekd.learn.models import (
     ModelSpec,
     build_model,
     count_params,
@@ -61,16 +65,12 @@ from edgekd.common.models import (
     save_checkpoint,
     spec_for,
 )
-from edgekd.common.training import seed_everything, teacher_probs_for
-from edgekd.continual.learner import evaluate_stream
-from edgekd.continual.metrics import summarize
-from edgekd.continual.plots import plot_accuracy_matrix, plot_task_accuracy
-from edgekd.continual.scenario import client_stream, proxy_digest, server_stream
-from edgekd.continual.streams import TaskStream
-from edgekd.payload import record_nbytes, record_to_state, state_to_record
-from edgekd.report import write_json_atomic, write_rounds
+from edgekd.learn.training import seed_everything, teacher_probs_for
+from edgekd.reporting.continual_plots import plot_accuracy_matrix, plot_task_accuracy
+from edgekd.reporting.report import write_json_atomic, write_rounds
 from edgekd.server.strategy import EdgeKDStrategy, RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
+from edgekd.wire.payload import record_nbytes, record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
 

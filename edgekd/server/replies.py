@@ -29,8 +29,8 @@ from typing import cast
 import numpy as np
 from flwr.app import Message, MetricRecord
 
-from edgekd.common import records as R
-from edgekd.payload import PayloadError
+from edgekd.core import records as R
+from edgekd.wire.payload import PayloadError
 
 __all__ = [
     "EVALUATE_METRIC_KEYS",

@@ -40,7 +40,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Result
 
-from edgekd.codec import (
+from edgekd.core import records as R
+from edgekd.server.replies import (
+    EVALUATE_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    bounded_weights,
+    check_reply_layout,
+    checked_metrics,
+    clip_update_norms,
+)
+from edgekd.wire.codec import (
     MASK_SUFFIX,
     Held,
     decode_delta,
@@ -55,21 +64,12 @@ from edgekd.codec import (
     shapes_manifest,
     unpack_record,
 )
-from edgekd.common import records as R
-from edgekd.payload import (
+from edgekd.wire.payload import (
     PayloadError,
     check_update,
     record_nbytes,
     record_to_state,
     state_to_record,
-)
-from edgekd.server.replies import (
-    EVALUATE_METRIC_KEYS,
-    TRAIN_METRIC_KEYS,
-    bounded_weights,
-    check_reply_layout,
-    checked_metrics,
-    clip_update_norms,
 )
 
 log = logging.getLogger("edgekd")

@@ -9,10 +9,10 @@ import logging
 import numpy as np
 from torch import nn
 
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.data import FederatedData
-from edgekd.common.models import ModelSpec, build_model, load_checkpoint
-from edgekd.common.training import KDSettings, kd_train, teacher_probs_for
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.data import FederatedData
+from edgekd.learn.models import ModelSpec, build_model, load_checkpoint
+from edgekd.learn.training import KDSettings, kd_train, teacher_probs_for
 
 log = logging.getLogger("edgekd")
 

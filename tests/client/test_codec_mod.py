@@ -7,9 +7,9 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
-from edgekd.codec import decode_delta, encode_state, shapes_manifest
-from edgekd.common import records as R
-from edgekd.payload import PayloadError, record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.wire.codec import decode_delta, encode_state, shapes_manifest
+from edgekd.wire.payload import PayloadError, record_to_state, state_to_record
 
 STATE = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
 MASKS = {"w": np.abs(STATE["w"]) > 0.4}
@@ -62,7 +62,7 @@ def test_masks_are_cached_and_the_upload_is_a_masked_delta_with_feedback() -> No
         record = reply.content[R.ARRAYS]
         assert record["w::values"].dtype == "int8"
         assert len(record["w::values"].data) == int(MASKS["w"].sum())  # kept entries only
-    received, _ = __import__("edgekd.codec", fromlist=["decode_state"]).decode_state(
+    received, _ = __import__("edgekd.wire.codec", fromlist=["decode_state"]).decode_state(
         encode_state(STATE, masks=MASKS, int8=True), STATE
     )
     new = decode_delta(first.content[R.ARRAYS], received, masks=MASKS)

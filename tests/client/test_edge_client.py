@@ -39,8 +39,8 @@ def test_bad_device_data_is_named(tmp_path: Path, arrays: dict | None, message: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a Jetson profile)")
 def test_kd_train_on_cuda_with_fp16_autocast_learns_and_returns_to_the_host() -> None:
-    from edgekd.common.models import build_model, spec_for
-    from edgekd.common.training import KDSettings, kd_train
+    from edgekd.learn.models import build_model, spec_for
+    from edgekd.learn.training import KDSettings, kd_train
 
     torch.manual_seed(0)
     model = build_model(spec_for((1, 40), 10, 8))
@@ -80,10 +80,10 @@ def _edge_message(soft_targets: str):  # type: ignore[no-untyped-def]
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from edgekd.common import records as R
-    from edgekd.common.models import build_model, load_checkpoint, spec_for
+    from edgekd.core import records as R
     from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
-    from edgekd.payload import state_to_record
+    from edgekd.learn.models import build_model, load_checkpoint, spec_for
+    from edgekd.wire.payload import state_to_record
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     model, _ = load_checkpoint(str(Path(__file__).parents[1] / "data" / "student_w8_trained.pt"))
@@ -114,8 +114,8 @@ def test_an_edge_node_couples_its_temperature_and_seed_like_a_torch_node(
     from flwr.app import Context, RecordDict
 
     import edgekd.client.edge_client as edge
-    from edgekd.common import records as R
-    from edgekd.common.round_settings import round_seed, temperature_for_batch
+    from edgekd.core import records as R
+    from edgekd.core.round_settings import round_seed, temperature_for_batch
 
     # Prepare: record what the head step is given.
     calls: list[tuple[float, int, int]] = []
@@ -152,8 +152,8 @@ def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
     from flwr.app import Context, RecordDict
 
     from edgekd.client.edge_client import handle_edge_train
-    from edgekd.common import records as R
-    from edgekd.payload import record_to_state
+    from edgekd.core import records as R
+    from edgekd.wire.payload import record_to_state
 
     msg, sent = _edge_message(soft_targets)
     node = {"bundle": str(pi_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}

@@ -12,8 +12,8 @@ from edgekd.client.faults import (
     parse_fault,
     planned_fault,
 )
-from edgekd.common import records as R
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.wire.payload import record_to_state, state_to_record
 
 RECEIVED = {"w": np.ones(3, np.float32), "steps": np.array([2], np.int64)}
 TRAINED = {"w": np.array([1.5, 1.0, 0.0], np.float32), "steps": np.array([3], np.int64)}
@@ -102,7 +102,7 @@ def test_the_mod_follows_the_run_plan_by_partition() -> None:
     ],
 )
 def test_a_malformed_plan_is_named(plan: str, message: str) -> None:
-    from edgekd.common.config import ConfigError, EdgeKDConfig
+    from edgekd.core.config import ConfigError, EdgeKDConfig
 
     with pytest.raises(ConfigError, match=message):
         EdgeKDConfig().with_overrides({"faults": plan})

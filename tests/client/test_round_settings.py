@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekd.common import records as R
-from edgekd.common.round_settings import RoundSettings, round_seed, temperature_for_batch
+from edgekd.core import records as R
+from edgekd.core.round_settings import RoundSettings, round_seed, temperature_for_batch
 
 CONFIG = {
     R.MODE: "kd", R.LOCAL_EPOCHS: 1, R.LR: 0.01, R.OPTIMIZER: "adam", R.BATCH_SIZE: 32,
@@ -40,9 +40,9 @@ def test_the_seed_differs_per_partition_and_round() -> None:
 def test_proxy_targets_are_softened_at_the_nodes_temperature(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A torch node with batch 8 distils the proxy set at T(8), not the server's T0."""
     import edgekd.client.trainer as trainer
-    from edgekd.common.data import ArrayDataset
-    from edgekd.common.models import build_model, spec_for
-    from edgekd.common.training import softmax_np
+    from edgekd.core.data import ArrayDataset
+    from edgekd.learn.models import build_model, spec_for
+    from edgekd.learn.training import softmax_np
 
     # Prepare: capture the targets of every kd_train call.
     seen: list[np.ndarray | None] = []

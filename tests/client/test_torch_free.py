@@ -14,15 +14,15 @@ import pytest
     [
         "edgekd.client.app",
         "edgekd.client.teacher_cache",
-        "edgekd.payload",
-        "edgekd.codec",
+        "edgekd.wire.payload",
+        "edgekd.wire.codec",
         "edgekd.client.codec_mod",
-        "edgekd.common.metrics",
-        "edgekd.common.fidelity",
-        "edgekd.common.data",
-        "edgekd.common.specs",
-        "edgekd.common.round_settings",
-        "edgekd.common.class_weights",
+        "edgekd.core.metrics",
+        "edgekd.fidelity.scores",
+        "edgekd.core.data",
+        "edgekd.core.specs",
+        "edgekd.core.round_settings",
+        "edgekd.core.class_weights",
         "edgekd.deploy.runtimes",
         "edgekd.deploy.signing",
         "edgekd.deploy.host",
@@ -30,7 +30,7 @@ import pytest
         "edgekd.client.faults",
         "edgekd.deploy.bundle",
         "edgekd.deploy.profiles",
-        "edgekd.cli",  # `edgekd client start` and `edgekd deploy check` run on devices
+        "edgekd.cli.main",  # `edgekd client start` and `edgekd deploy check` run on devices
     ],
 )
 def test_imports_without_torch(module: str) -> None:

@@ -10,10 +10,10 @@ import torch
 
 from edgekd.client.teacher_cache import TeacherMissingError, teacher_logits, teacher_session
 from edgekd.client.trainer import RoundSettings, evaluate_state, local_kd_update
-from edgekd.common.data import ArrayDataset
-from edgekd.common.models import build_model, model_state, spec_for
-from edgekd.common.training import predict_logits, softmax_np
+from edgekd.core.data import ArrayDataset
 from edgekd.deploy.onnx_export import export_onnx_bytes
+from edgekd.learn.models import build_model, model_state, spec_for
+from edgekd.learn.training import predict_logits, softmax_np
 
 SPEC = spec_for((1, 40), 10, 4)
 
@@ -54,7 +54,7 @@ def test_local_kd_update_moves_toward_the_teacher() -> None:
     t_probs = softmax_np(logits)
 
     def kl(s: dict[str, np.ndarray]) -> float:
-        from edgekd.common.models import load_for_state as load_state
+        from edgekd.learn.models import load_for_state as load_state
 
         p = softmax_np(predict_logits(load_state(SPEC, s), data.x))
         return float((t_probs * (np.log(t_probs) - np.log(p))).sum(1).mean())

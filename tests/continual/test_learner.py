@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd.common.data import _mnist1d
-from edgekd.common.models import build_model, spec_for
-from edgekd.common.training import KDSettings, kd_train, softmax_np, teacher_probs_for
 from edgekd.continual.learner import evaluate_stream, run_sequential, train_task
 from edgekd.continual.regularizers import NaiveFineTuning, Replay, TeacherKD
 from edgekd.continual.streams import TaskStream, make_stream
+from edgekd.core.data import _mnist1d
+from edgekd.learn.models import build_model, spec_for
+from edgekd.learn.training import KDSettings, kd_train, softmax_np, teacher_probs_for
 
 SPEC = spec_for((1, 40), 10, 4)
 

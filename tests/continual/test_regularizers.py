@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.common.kd import class_balanced_kd_loss
-from edgekd.common.models import build_model, spec_for
 from edgekd.continual.regularizers import (
     EWC,
     REGULARIZERS,
@@ -21,6 +19,8 @@ from edgekd.continual.regularizers import (
     tempered_kl,
 )
 from edgekd.continual.streams import Task
+from edgekd.learn.kd import class_balanced_kd_loss
+from edgekd.learn.models import build_model, spec_for
 
 SPEC = spec_for((1, 40), 10, 4)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.common.config import EdgeKDConfig
-from edgekd.continual.plots import plot_accuracy_matrix, plot_task_accuracy
 from edgekd.continual.scenario import client_stream, proxy_digest, server_stream
+from edgekd.core.config import EdgeKDConfig
+from edgekd.reporting.continual_plots import plot_accuracy_matrix, plot_task_accuracy
 
 
 def _cfg(scenario: str) -> EdgeKDConfig:
@@ -58,7 +58,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 
 def test_new_continual_modules_never_import_flwr() -> None:
     code = (
-        "import sys, edgekd.continual.scenario, edgekd.continual.plots;"
+        "import sys, edgekd.continual.scenario, edgekd.reporting.continual_plots;"
         "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')];"
         "assert not bad, bad"
     )

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.common.models import build_model, spec_for
-from edgekd.common.training import KDSettings, kd_train, predict_logits
 from edgekd.continual.streams import (
     DOMAIN_HARDEST,
     class_incremental_stream,
@@ -18,6 +16,8 @@ from edgekd.continual.streams import (
     make_stream,
     task_client_split,
 )
+from edgekd.learn.models import build_model, spec_for
+from edgekd.learn.training import KDSettings, kd_train, predict_logits
 
 
 def _toy(n: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

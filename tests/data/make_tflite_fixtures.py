@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekd.common.models import load_checkpoint
 from edgekd.deploy.bundle import build_bundle
 from edgekd.deploy.head_step import split_student
 from edgekd.deploy.tflite_export import export_features_tflite, export_head_step_tflite
+from edgekd.learn.models import load_checkpoint
 
 BATCH = 32  # the tests' static batch; the last short batch is padded
 
@@ -36,10 +36,10 @@ def train_student(source: Path, out: Path) -> None:
     """KD from a small teacher on the default data's public split, seeded."""
     import torch
 
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import load_federated_data
-    from edgekd.common.models import build_model, save_checkpoint, spec_for
-    from edgekd.common.training import KDSettings, kd_train, teacher_probs_for
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import load_federated_data
+    from edgekd.learn.models import build_model, save_checkpoint, spec_for
+    from edgekd.learn.training import KDSettings, kd_train, teacher_probs_for
 
     cfg = EdgeKDConfig()
     data = load_federated_data(cfg.data, cfg.seed)

@@ -218,7 +218,7 @@ def test_parity_miss_fails_the_build_with_the_amount(tmp_path: Path) -> None:
 
 
 def test_missing_report_falls_back_to_default_data_and_says_so(tmp_path: Path) -> None:
-    from edgekd.common.config import EdgeKDConfig
+    from edgekd.core.config import EdgeKDConfig
     from edgekd.deploy.bundle import _run_config
 
     cfg, note = _run_config(tmp_path)

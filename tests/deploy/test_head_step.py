@@ -10,8 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgekd.common.kd import class_balanced_kd_loss, sample_weights_for, soft_targets
-from edgekd.common.models import load_checkpoint
 from edgekd.deploy.head_step import (
     FEATURES_OUTPUT,
     HEAD_STEP_INPUTS,
@@ -21,6 +19,8 @@ from edgekd.deploy.head_step import (
     export_head_step_onnx,
     split_student,
 )
+from edgekd.learn.kd import class_balanced_kd_loss, sample_weights_for, soft_targets
+from edgekd.learn.models import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 STUDENT = DATA / "student_w8.pt"

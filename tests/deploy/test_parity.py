@@ -81,8 +81,8 @@ def test_onnx_and_tflite_exports_match_the_torch_student() -> None:
     # Prepare: the fixture student, its ONNX export and its committed static-batch TFLite file.
     import tempfile
 
-    from edgekd.common.models import load_checkpoint
     from edgekd.deploy.onnx_export import export_onnx_bytes
+    from edgekd.learn.models import load_checkpoint
 
     model, _ = load_checkpoint(str(DATA / "student_w8.pt"))
     rng = np.random.default_rng(0)

@@ -12,8 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgekd.common.models import build_model, spec_for
-from edgekd.common.training import KDSettings, kd_train
 from edgekd.deploy.onnx_export import export_onnx_bytes
 from edgekd.deploy.parity import avx2_emulator, emulated_avx2_predictor, onnx_predictor
 from edgekd.deploy.quantize import (
@@ -23,6 +21,8 @@ from edgekd.deploy.quantize import (
     quantize_onnx_int8,
     static_qdq,
 )
+from edgekd.learn.models import build_model, spec_for
+from edgekd.learn.training import KDSettings, kd_train
 
 
 def test_int8_qdq_model_agrees_with_fp32() -> None:
@@ -80,9 +80,9 @@ TRAINED = DATA / "student_w16_default.pt"
 @pytest.fixture(scope="module")
 def trained_export() -> tuple[bytes, bytes, np.ndarray, np.ndarray]:
     """FP32 and INT8 ONNX of the trained student, and the default data's test split."""
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import load_federated_data
-    from edgekd.common.models import load_checkpoint
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import load_federated_data
+    from edgekd.learn.models import load_checkpoint
 
     cfg = EdgeKDConfig()
     data = load_federated_data(cfg.data, cfg.seed)
@@ -94,8 +94,8 @@ def trained_export() -> tuple[bytes, bytes, np.ndarray, np.ndarray]:
 
 def _full_range(fp32: bytes) -> bytes:
     """The export as it was before 7-bit weights: ``reduce_range`` off, all else equal."""
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import load_federated_data
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import load_federated_data
 
     cfg = EdgeKDConfig()
     public = load_federated_data(cfg.data, cfg.seed).public.x[: cfg.kd.proxy_size]

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.common import kd
-from edgekd.common.models import load_checkpoint
 from edgekd.deploy import runtimes
 from edgekd.deploy.head_step import (
     HEAD_STEP_INPUTS,
@@ -28,6 +26,8 @@ from edgekd.deploy.runtimes import (
     inverse_frequency_class_weights,
     local_head_kd,
 )
+from edgekd.learn import kd
+from edgekd.learn.models import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FEATURES_TFLITE = DATA / "features_w8_b32.tflite"

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edgekd.deploy.bundle import BundleError, build_bundle, check_bundle, load_bundle
 from edgekd.deploy.signing import SIGNATURE, sign_manifest
-from edgekd.server.certs import make_node_keys
+from edgekd.fleet.certs import make_node_keys
 
 STUDENT = Path(__file__).resolve().parents[1] / "data" / "student_w16_default.pt"
 

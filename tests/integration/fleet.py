@@ -126,7 +126,7 @@ class Fleet:
     def superlink(self) -> subprocess.Popen[str]:
         """A SuperLink of its own (TLS), for several `edgekd server start --superlink`
         runs against the same connected nodes."""
-        from edgekd.orchestrate import TLSFiles, superlink_command, wait_for_port
+        from edgekd.fleet.processes import TLSFiles, superlink_command, wait_for_port
 
         assert self.certs is not None
         log_path = self.root / "superlink.log"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fleet import Fleet, accuracies  # tests/integration/fleet.py
 
-from edgekd.server.certs import make_certificates, make_node_keys
+from edgekd.fleet.certs import make_certificates, make_node_keys
 from edgekd.server.checkpoint import load_run_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -19,9 +19,9 @@ import pytest
 from fleet import Fleet  # tests/integration/fleet.py
 
 import edgekd.deploy
-from edgekd.common.models import load_checkpoint
 from edgekd.deploy.bundle import build_bundle, load_bundle
-from edgekd.server.certs import make_certificates
+from edgekd.fleet.certs import make_certificates
+from edgekd.learn.models import load_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

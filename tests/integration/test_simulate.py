@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.cli import main
+from edgekd.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def _simulate_recipe(out: Path, recipe: tuple[str, ...]) -> dict:
 
 def test_simulate_with_a_pruning_and_int8_recipe(tmp_path: Path) -> None:
     # Prepare
-    from edgekd.codec import read_artifact
+    from edgekd.wire.codec import read_artifact
 
     out = tmp_path / "run"
     recipe = (

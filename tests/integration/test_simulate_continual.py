@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.cli import main
-from edgekd.common.config import CONTINUAL_METHODS
+from edgekd.cli.main import main
+from edgekd.core.config import CONTINUAL_METHODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,18 +16,18 @@ from flwr.app import Context, Message, RecordDict
 
 from edgekd.client.codec_mod import payload_codec_mod
 from edgekd.client.continual_client import META, PROXY_STATE, handle_continual_train, held_state
-from edgekd.common import records as R
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.models import build_model, spec_for
 from edgekd.continual.scenario import client_stream
 from edgekd.continual.streams import task_client_split
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.learn.models import build_model, spec_for
 from edgekd.server.continual import (
     ContinualStrategy,
     TaskSchedule,
     continual_train_config,
     run_method,
 )
+from edgekd.wire.payload import record_to_state, state_to_record
 
 NODES = [11, 12]
 

@@ -11,11 +11,11 @@ import pytest
 from fakegrid import FakeGrid  # tests/server/fakegrid.py
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from edgekd.common import records as R
-from edgekd.payload import record_to_state, state_to_record
+from edgekd.core import records as R
 from edgekd.server.app import robust_aggregator
 from edgekd.server.replies import bounded_weights, clip_update_norms
 from edgekd.server.strategy import EdgeKDStrategy
+from edgekd.wire.payload import record_to_state, state_to_record
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 HONEST = 1.0

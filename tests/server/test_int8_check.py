@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.cli import int8_verdict
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.data import FederatedData, load_federated_data
-from edgekd.common.models import load_checkpoint
-from edgekd.common.training import predict_logits, softmax_np
+from edgekd.cli.main import int8_verdict
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.data import FederatedData, load_federated_data
 from edgekd.deploy.onnx_export import export_onnx_bytes
 from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
+from edgekd.learn.models import load_checkpoint
+from edgekd.learn.training import predict_logits, softmax_np
 from edgekd.server.app import check_int8_export
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -14,9 +14,9 @@ from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
 from flwr.app import Message, RecordDict
 
 from edgekd.client.app import make_client_app
-from edgekd.common import records as R
-from edgekd.common.config import EdgeKDConfig
-from edgekd.common.models import load_checkpoint
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.learn.models import load_checkpoint
 from edgekd.server.app import run_edgekd
 from edgekd.server.checkpoint import (
     CHECKPOINT_FILE,

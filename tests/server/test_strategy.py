@@ -10,9 +10,9 @@ import pytest
 from fakegrid import FakeGrid, Reply  # tests/server/fakegrid.py
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from edgekd.common import records as R
-from edgekd.payload import PayloadError, record_nbytes, record_to_state, state_to_record
+from edgekd.core import records as R
 from edgekd.server.strategy import EdgeKDStrategy, WireFormat
+from edgekd.wire.payload import PayloadError, record_nbytes, record_to_state, state_to_record
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -277,7 +277,7 @@ def test_a_corrupt_payload_is_rejected_and_the_round_goes_on() -> None:
 def test_an_upload_with_its_own_mask_cannot_unprune_weights() -> None:
     # Prepare: node 1 re-encodes its update with an all-kept mask of its own, pushing
     # every weight (pruned ones too) to 0.3; node 2 is honest.
-    from edgekd.codec import encode_state
+    from edgekd.wire.codec import encode_state
 
     good = _node(lambda s: {k: np.full_like(v, 0.3) for k, v in s.items()})
 
@@ -400,7 +400,7 @@ def test_start_from_a_later_round_calls_back_after_each_round() -> None:
 def _run_recording_states(**wire: object) -> tuple[EdgeKDStrategy, list, list]:
     """3 rounds of 3 nodes that add 0.01 to what they get: every state a handler got,
     and (base version, packed?, array keys) of every message as it arrived."""
-    from edgekd.codec import is_packed, unpack_record
+    from edgekd.wire.codec import is_packed, unpack_record
 
     got: list[dict[str, np.ndarray]] = []
     arrived: list[tuple[str, bool, list[str]]] = []
@@ -484,7 +484,7 @@ def test_a_node_that_lost_its_state_is_refused_a_delta_and_gets_the_whole_state_
 
 def test_a_packed_reply_that_does_not_inflate_is_rejected_and_the_round_goes_on() -> None:
     # Prepare: node 1's deflated upload loses its tail on the way
-    from edgekd.codec import PACKED_KEY
+    from edgekd.wire.codec import PACKED_KEY
 
     good = _node(lambda s: {k: v + 0.1 for k, v in s.items()})
 

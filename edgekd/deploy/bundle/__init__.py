@@ -26,7 +26,7 @@ the profile's training batch size) instead of the ONNX files; ``jetson`` ships
 
 Data. The calibration set (the run's server-held ``public`` split, at most
 `CALIBRATION_SAMPLES`) and the parity set (the devices' ``test`` split) are rebuilt by
-`edgekd.common.data.load_federated_data` from the run's config, read from
+`edgekd.core.data.load_federated_data` from the run's config, read from
 ``report.json`` in ``run_dir`` (default: the checkpoint's folder). Without a report the
 default config's data is used and the manifest says so. ``parity.npz`` carries a slice
 of the test split with the torch logits so that a device without torch or the dataset

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.common.errors import one_line_error
+from edgekd.core.errors import one_line_error
 from edgekd.deploy.bundle.layout import (
     DEFAULT_DEVICE_DATA_DIR,
     DEFAULT_SUPERLINK,
@@ -48,8 +48,8 @@ from edgekd.deploy.signing import SignatureError, sign_manifest
 if TYPE_CHECKING:
     from torch import nn
 
-    from edgekd.common.config import EdgeKDConfig
-    from edgekd.common.data import FederatedData
+    from edgekd.core.config import EdgeKDConfig
+    from edgekd.core.data import FederatedData
 
 from edgekd.deploy.bundle.check import _feature_path_parity, _head_arrays, _torch_device
 from edgekd.deploy.bundle.templates import _text_files
@@ -72,7 +72,7 @@ def build_bundle(
     """Build the bundle of ``model_path`` for ``target`` into ``out_dir``; return its path.
 
     Args:
-        model_path: Student checkpoint (`edgekd.common.models.save_checkpoint` format).
+        model_path: Student checkpoint (`edgekd.learn.models.save_checkpoint` format).
         target: A shipped profile name (``raspberry-pi``, ``android``, ``jetson``) or a
             profile TOML path.
         out_dir: The bundle folder; must be absent or empty unless ``force``.
@@ -194,7 +194,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 
 
 def _load_student(model_path: Path) -> tuple[nn.Module, Any]:
-    from edgekd.common.models import CheckpointError, load_checkpoint
+    from edgekd.learn.models import CheckpointError, load_checkpoint
 
     try:
         model, spec = load_checkpoint(str(model_path))
@@ -205,7 +205,7 @@ def _load_student(model_path: Path) -> tuple[nn.Module, Any]:
 
 def _run_config(run_dir: Path) -> tuple[EdgeKDConfig, str]:
     """The run's config from ``run_dir/report.json``, or the defaults and a note saying so."""
-    from edgekd.common.config import ConfigError, EdgeKDConfig
+    from edgekd.core.config import ConfigError, EdgeKDConfig
 
     report = run_dir / "report.json"
     if not report.is_file():
@@ -226,8 +226,8 @@ def _run_config(run_dir: Path) -> tuple[EdgeKDConfig, str]:
 
 
 def _load_data(cfg: EdgeKDConfig) -> FederatedData:
-    from edgekd.common.data import load_federated_data
-    from edgekd.common.data_files import DataFileError
+    from edgekd.core.data import load_federated_data
+    from edgekd.core.data_files import DataFileError
 
     try:
         return load_federated_data(cfg.data, cfg.seed)

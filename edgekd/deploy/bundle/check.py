@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.common.errors import one_line_error
+from edgekd.core.errors import one_line_error
 from edgekd.deploy.bundle.layout import (
     FEATURES,
     HEAD,

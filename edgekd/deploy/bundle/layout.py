@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgekd.common.errors import EdgeKDError
+from edgekd.core.errors import EdgeKDError
 from edgekd.deploy.profiles import DeviceProfile, ProfileError, profile_from_dict
 from edgekd.deploy.signing import SignatureError, verify_manifest
 

@@ -1,1 +1,0 @@
-"""Plain torch/numpy building blocks; nothing here imports flwr."""

@@ -1,0 +1,1 @@
+"""What a run writes for people: report.json, rounds.json and the plots."""
