@@ -31,22 +31,35 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "edgekd") -> dict[s
     return out
 
 
-def test_every_config_key_is_in_the_configuration_page() -> None:
-    page = (ROOT / "docs" / "configuration.md").read_text()
-    missing = [key for key in flat_defaults() if f"`{key}`" not in page]
-    assert missing == []
+def _cli_sections() -> dict[str, str]:
+    """docs/cli.md's sections by heading: ``{"edgekd deploy build": "...", ...}``."""
+    parts = re.split(r"^## `([^`]+)`$", (ROOT / "docs" / "cli.md").read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
-def test_every_command_and_flag_is_documented() -> None:
-    text = _all_text()
+def _rows_naming(text: str, name: str) -> int:
+    """How many table rows name ``name`` (a key or a flag) in their first cell."""
+    first_cells = re.findall(r"^\| ([^|]*) \|", text, flags=re.M)
+    return sum(bool(re.search(rf"`{re.escape(name)}[ `]", cell)) for cell in first_cells)
+
+
+def test_every_command_and_flag_has_one_row_in_the_cli_reference() -> None:
     commands = _commands(make_parser())
     assert len(commands) == 8  # simulate, inspect, deploy build|check, server x3, client start
-    missing = [name for name in commands if f"`{name}" not in text]
-    assert missing == []
-    undocumented = [
-        f"{name} {flag}" for name, flags in commands.items() for flag in flags if flag not in text
-    ]
-    assert undocumented == []
+    sections = _cli_sections()
+    assert sorted(sections) == sorted(commands)
+    rows = {
+        f"{name} {flag}": _rows_naming(sections[name], flag)
+        for name, flags in commands.items()
+        for flag in flags
+    }
+    assert {key: n for key, n in rows.items() if n != 1} == {}
+
+
+def test_every_config_key_has_one_row_in_the_configuration_page() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    rows = {key: _rows_naming(page, key) for key in flat_defaults()}
+    assert {key: n for key, n in rows.items() if n != 1} == {}
 
 
 def test_the_readme_is_short_and_its_links_resolve() -> None:
@@ -61,3 +74,26 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
         link for link in local if not any((base / link).exists() for base in (ROOT, ROOT / "docs"))
     ]
     assert broken == []
+
+
+def test_every_module_and_name_the_docs_mention_exists() -> None:
+    import importlib
+
+    text = _all_text()
+    missing = [
+        p for p in set(re.findall(r"edgekd(?:/[a-z_]+)+\.py", text)) if not (ROOT / p).exists()
+    ]
+    for dotted in sorted(set(re.findall(r"`(edgekd(?:\.[a-z_]+)+)", text))):
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                missing.append(dotted)
+                break
+            obj = getattr(obj, attr)
+    assert missing == []

@@ -37,6 +37,7 @@ from edgekd.core import records as R
 from edgekd.core.config import EdgeKDConfig
 from edgekd.core.data import ArrayDataset
 from edgekd.core.errors import EdgeKDError
+from edgekd.core.numerics import log_softmax
 from edgekd.core.round_settings import RoundSettings
 from edgekd.wire.payload import record_to_state, state_to_record
 
@@ -136,8 +137,7 @@ def handle_edge_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> M
     _, val = edge_data(cfg, context, bundle)
     weight, bias = _head(record_to_state(msg.content.array_records[R.ARRAYS]))
     logits = runtime.logits(val.x, weight, bias)
-    shifted = logits - logits.max(1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    log_probs = log_softmax(logits)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         R.ACCURACY: float((logits.argmax(1) == val.y).mean()) if len(val) else 0.0,
         R.LOSS: float(-log_probs[np.arange(len(val)), val.y].mean()) if len(val) else 0.0,

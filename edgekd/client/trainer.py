@@ -16,11 +16,12 @@ import torch
 
 from edgekd.core.data import ArrayDataset
 from edgekd.core.metrics import classification_metrics
+from edgekd.core.numerics import softmax
 from edgekd.core.round_settings import RoundSettings
 from edgekd.learn.compression import keep_pruned_at_zero, plain_state
 from edgekd.learn.compression import training_view as make_training_view
 from edgekd.learn.models import ModelSpec, load_for_state
-from edgekd.learn.training import KDSettings, kd_train, predict_logits, softmax_np
+from edgekd.learn.training import KDSettings, kd_train, predict_logits
 
 
 def local_kd_update(
@@ -85,7 +86,7 @@ def _train(
     )
     probs = None
     if settings.mode == "kd" and teacher_logits is not None:
-        probs = softmax_np(teacher_logits, tau)
+        probs = softmax(teacher_logits, tau)
     n = spec.num_classes
     if settings.mode != "kd" or proxy is None:
         out = kd_train(model, train.x, train.y, probs, kd, num_classes=n, seed=settings.seed)
@@ -93,7 +94,7 @@ def _train(
     # Proxy mode: alternate a local CE epoch with a KD epoch on the public proxy set,
     # the teacher's logits softened at this node's T(B) like on-device targets.
     px, plogits = proxy
-    pprobs = softmax_np(plogits, tau)
+    pprobs = softmax(plogits, tau)
     pseudo = plogits.argmax(axis=1).astype(np.int64)
     one_epoch = replace(kd, epochs=1)
     proxy_kd = replace(kd, epochs=1, alpha=0.0, class_weighting=False)
@@ -111,6 +112,6 @@ def evaluate_state(
     """Accuracy and NLL of the global student on local validation data."""
     if len(data) == 0:
         return {"accuracy": 0.0, "loss": 0.0}
-    probs = softmax_np(predict_logits(load_for_state(spec, state), data.x))
+    probs = softmax(predict_logits(load_for_state(spec, state), data.x))
     m = classification_metrics(probs, data.y, spec.num_classes)
     return {"accuracy": float(m["accuracy"]), "loss": float(m["nll"])}  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,17 +81,71 @@ def train_task(
     Raises:
         DivergenceError: When a loss turns non-finite.
     """
+    _check_task_inputs(y, regularizer, teacher_probs, alpha)
+    if len(y) == 0:
+        return {"loss": 0.0, "penalty": 0.0, "steps": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+    data = _task_tensors(x, y, teacher_probs, class_weighting, max_class_weight)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    steps = 0
+    last_loss = last_penalty = 0.0
+    for _ in range(epochs):
+        loss_sum, penalty_sum, epoch_steps = _train_epoch(
+            model,
+            opt,
+            params,
+            regularizer,
+            data,
+            gen,
+            batch_size=batch_size,
+            alpha=alpha,
+            clip_norm=clip_norm,
+        )
+        steps += epoch_steps
+        last_loss, last_penalty = loss_sum / len(y), penalty_sum / len(y)
+    model.eval()
+    return {"loss": last_loss, "penalty": last_penalty, "steps": float(steps)}
+
+
+@dataclass(frozen=True)
+class _TaskTensors:
+    """One task's training data as tensors: inputs, labels, the teacher's probabilities
+    (if given) and per-sample class weights (if class weighting is on)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher_probs: torch.Tensor | None
+    weights: torch.Tensor | None
+
+
+def _check_task_inputs(
+    y: np.ndarray,
+    regularizer: ContinualRegularizer,
+    teacher_probs: np.ndarray | None,
+    alpha: float,
+) -> None:
+    """Refuse a negative ``alpha``, a missing teacher the regularizer needs, and teacher
+    probabilities whose row count does not match the labels."""
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if regularizer.needs_teacher and teacher_probs is None:
         raise ValueError(f"method '{regularizer.name}' needs teacher_probs")
     if teacher_probs is not None and len(teacher_probs) != len(y):
         raise ValueError(f"teacher_probs has {len(teacher_probs)} rows for {len(y)} samples")
-    if len(y) == 0:
-        return {"loss": 0.0, "penalty": 0.0, "steps": 0.0}
-    gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    pt = torch.from_numpy(teacher_probs) if teacher_probs is not None else None
+
+
+def _task_tensors(
+    x: np.ndarray,
+    y: np.ndarray,
+    teacher_probs: np.ndarray | None,
+    class_weighting: bool,
+    max_class_weight: float,
+) -> _TaskTensors:
+    """Wrap the task's arrays as tensors (sharing memory) and, with ``class_weighting``,
+    give each sample its class's inverse-frequency weight."""
+    yt = torch.from_numpy(y)
     weights = (
         sample_weights_for(
             yt, inverse_frequency_class_weights(y, int(y.max()) + 1, max_weight=max_class_weight)
@@ -98,45 +153,76 @@ def train_task(
         if class_weighting
         else None
     )
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    model.train()
+    return _TaskTensors(
+        x=torch.from_numpy(x),
+        y=yt,
+        teacher_probs=torch.from_numpy(teacher_probs) if teacher_probs is not None else None,
+        weights=weights,
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    regularizer: ContinualRegularizer,
+    data: _TaskTensors,
+    gen: torch.Generator,
+    *,
+    batch_size: int,
+    alpha: float,
+    clip_norm: float,
+) -> tuple[float, float, int]:
+    """One pass over the task in a fresh ``gen``-seeded order, one optimizer step per
+    batch. Returns the sample-weighted sums of the loss and of the penalty, and the
+    number of steps."""
+    order = torch.randperm(len(data.y), generator=gen)
+    loss_sum = penalty_sum = 0.0
     steps = 0
-    last_loss = last_penalty = 0.0
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        loss_sum = penalty_sum = 0.0
-        for start in range(0, len(y), batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = xt[idx], yt[idx]
-            wb = weights[idx] if weights is not None else None
-            extra = regularizer.extra_batch(len(idx), gen)
-            if extra is not None:
-                x_in, y_in = torch.cat([xb, extra[0]]), torch.cat([yb, extra[1]])
-                if wb is not None:
-                    wb = torch.cat([wb, torch.ones(len(extra[1]), dtype=wb.dtype)])
-            else:
-                x_in, y_in = xb, yb
-            logits = model(x_in)
-            ce = F.cross_entropy(logits, y_in, reduction="none")
-            task_loss = (ce * wb).mean() if wb is not None else ce.mean()
-            penalty = regularizer.penalty(
-                model, xb, logits[: len(idx)], yb, pt[idx] if pt is not None else None
-            )
-            loss = alpha * task_loss + penalty
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"non-finite loss {loss.item()} during continual training")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_norm > 0:
-                nn.utils.clip_grad_norm_(params, clip_norm)
-            opt.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            penalty_sum += float(penalty.detach()) * len(idx)
-        last_loss, last_penalty = loss_sum / len(y), penalty_sum / len(y)
-    model.eval()
-    return {"loss": last_loss, "penalty": last_penalty, "steps": float(steps)}
+    for start in range(0, len(data.y), batch_size):
+        idx = order[start : start + batch_size]
+        loss, penalty = _batch_loss(model, regularizer, data, idx, gen, alpha)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"non-finite loss {loss.item()} during continual training")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, clip_norm)
+        opt.step()
+        steps += 1
+        loss_sum += float(loss.detach()) * len(idx)
+        penalty_sum += float(penalty.detach()) * len(idx)
+    return loss_sum, penalty_sum, steps
+
+
+def _batch_loss(
+    model: nn.Module,
+    regularizer: ContinualRegularizer,
+    data: _TaskTensors,
+    idx: torch.Tensor,
+    gen: torch.Generator,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of batch ``idx`` and its penalty part: the (weighted) cross-entropy over
+    the batch plus the regularizer's replay samples (drawn from ``gen``; weight 1), times
+    ``alpha``, plus the regularizer's penalty on the batch alone."""
+    xb, yb = data.x[idx], data.y[idx]
+    wb = data.weights[idx] if data.weights is not None else None
+    extra = regularizer.extra_batch(len(idx), gen)
+    if extra is not None:
+        x_in, y_in = torch.cat([xb, extra[0]]), torch.cat([yb, extra[1]])
+        if wb is not None:
+            wb = torch.cat([wb, torch.ones(len(extra[1]), dtype=wb.dtype)])
+    else:
+        x_in, y_in = xb, yb
+    logits = model(x_in)
+    ce = F.cross_entropy(logits, y_in, reduction="none")
+    task_loss = (ce * wb).mean() if wb is not None else ce.mean()
+    pt = data.teacher_probs
+    penalty = regularizer.penalty(
+        model, xb, logits[: len(idx)], yb, pt[idx] if pt is not None else None
+    )
+    return alpha * task_loss + penalty, penalty
 
 
 def evaluate_stream(model: nn.Module, stream: TaskStream) -> np.ndarray:
@@ -189,11 +275,7 @@ def run_sequential(
         and ``wall_time_s``.
     """
     start = time.perf_counter()
-    regularizer = (
-        method
-        if isinstance(method, ContinualRegularizer)
-        else make_regularizer(method, **(regularizer_kwargs or {}))
-    )
+    regularizer = _regularizer_for(method, regularizer_kwargs)
     if regularizer.needs_teacher and teacher_probs_fn is None:
         raise ValueError(f"method '{regularizer.name}' needs a teacher_probs_fn")
     seed_everything(seed)
@@ -203,11 +285,7 @@ def run_sequential(
     train_logs = []
     for task in stream:
         regularizer.before_task(model, task)
-        probs = (
-            teacher_probs_fn(task.x_train)
-            if regularizer.uses_teacher_probs and teacher_probs_fn is not None
-            else None
-        )
+        probs = _task_teacher_probs(regularizer, teacher_probs_fn, task.x_train)
         task_seed = int(np.random.SeedSequence([seed, task.id]).generate_state(1)[0])
         train_logs.append(
             train_task(
@@ -234,3 +312,25 @@ def run_sequential(
         "train": train_logs,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+def _regularizer_for(
+    method: str | ContinualRegularizer, regularizer_kwargs: dict[str, Any] | None
+) -> ContinualRegularizer:
+    """``method`` itself when it is a regularizer object, else `make_regularizer` of the
+    name with ``regularizer_kwargs``."""
+    if isinstance(method, ContinualRegularizer):
+        return method
+    return make_regularizer(method, **(regularizer_kwargs or {}))
+
+
+def _task_teacher_probs(
+    regularizer: ContinualRegularizer,
+    teacher_probs_fn: Callable[[np.ndarray], np.ndarray] | None,
+    x_train: np.ndarray,
+) -> np.ndarray | None:
+    """The teacher's probabilities on a task's training inputs when the regularizer uses
+    them and a teacher is given, else None."""
+    if regularizer.uses_teacher_probs and teacher_probs_fn is not None:
+        return teacher_probs_fn(x_train)
+    return None

@@ -1,10 +1,11 @@
 """One round's settings, as every kind of node reads them.
 
-The server writes the round's ConfigRecord once (`edgekd.server.app`); torch nodes
-(`edgekd.client.app`), torch-free edge nodes (`edgekd.client.edge_client`) and the
-continual handler all decode it with `RoundSettings.from_round`, so a setting cannot
-mean one thing on one kind of node and another elsewhere. Pure Python: a Raspberry Pi
-without torch imports it.
+The server writes the round's ConfigRecord with `round_config` (or
+`continual_round_config`); torch nodes (`edgekd.client.app`), torch-free edge nodes
+(`edgekd.client.edge_client`) and the continual handler all decode it with
+`RoundSettings.from_round`, so writer and reader sit side by side here and a setting
+cannot mean one thing on one kind of node and another elsewhere. Pure Python: a
+Raspberry Pi without torch imports it.
 
 What depends on the node rather than the server:
 
@@ -23,8 +24,62 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
 
-__all__ = ["RoundSettings", "config_scalar", "round_seed", "temperature_for_batch"]
+__all__ = [
+    "RoundSettings",
+    "config_scalar",
+    "continual_round_config",
+    "round_config",
+    "round_seed",
+    "temperature_for_batch",
+]
+
+Scalar = int | float | str | bool
+
+
+def _shared_keys(cfg: EdgeKDConfig) -> dict[str, Scalar]:
+    """The keys of every round, federated KD and continual alike."""
+    t, k = cfg.train, cfg.kd
+    return {
+        R.LOCAL_EPOCHS: t.local_epochs,
+        R.LR: t.lr,
+        R.BATCH_SIZE: t.batch_size,
+        R.CLIP_NORM: t.clip_norm,
+        R.SEED: cfg.seed,
+        R.CLASS_WEIGHTING: k.class_weighting,
+        R.MAX_CLASS_WEIGHT: k.max_class_weight,
+    }
+
+
+def round_config(cfg: EdgeKDConfig, mode: str, teacher_hash: str) -> dict[str, Scalar]:
+    """A federated round's settings (Flower's FedAvg adds ``server-round``): ``mode`` is
+    ``"kd"`` or ``"ce"``, ``teacher_hash`` the sha256 of the teacher's ONNX (on-device
+    nodes cache it)."""
+    k = cfg.kd
+    return {
+        R.MODE: mode,
+        **_shared_keys(cfg),
+        R.OPTIMIZER: cfg.train.optimizer,
+        R.TEMPERATURE: k.temperature,
+        R.ALPHA: k.alpha,
+        R.REFERENCE_BATCH: k.reference_batch,
+        R.SOFT_TARGETS: k.soft_targets,
+        R.TEACHER_HASH: teacher_hash,
+    }
+
+
+def continual_round_config(cfg: EdgeKDConfig) -> dict[str, Scalar]:
+    """A continual round's settings besides the task (which the strategy adds): the
+    regularizers carry their own temperature."""
+    cl = cfg.continual
+    return {
+        **_shared_keys(cfg),
+        R.CL_WEIGHT: cl.weight,
+        R.CL_TEMPERATURE: cl.temperature,
+        R.CL_EWC_WEIGHT: cl.ewc_weight,
+        R.CL_BUFFER_SIZE: cl.buffer_size,
+    }
 
 
 def temperature_for_batch(t0: float, b0: int, batch_size: int) -> float:

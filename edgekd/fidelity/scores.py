@@ -42,11 +42,11 @@ __all__ = [
     "bootstrap_intervals",
     "certified_accuracy_curve",
     "certified_radius",
-    "dark_knowledge_entropy_np",
+    "dark_knowledge_entropy",
     "fit_temperature",
     "kendall_tau_per_sample",
     "l1_certificate",
-    "max_dark_knowledge_entropy_np",
+    "max_dark_knowledge_entropy",
     "minority_majority_ece",
     "per_class_ece",
     "rank_order_fidelity",
@@ -441,9 +441,9 @@ def uq_fidelity(
 
 
 # ------------------------------------------------------------------ dark knowledge
-def dark_knowledge_entropy_np(probs: npt.ArrayLike, labels: npt.ArrayLike) -> float:
-    """Mean entropy (nats) of the non-target distribution; numpy twin of
-    :func:`edgekd.learn.kd.dark_knowledge_entropy`.
+def dark_knowledge_entropy(probs: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Mean entropy (nats) of the non-target distribution: the "dark knowledge" of
+    Hinton et al. (2015), the relative probabilities of the wrong classes.
 
     ::
 
@@ -461,8 +461,8 @@ def dark_knowledge_entropy_np(probs: npt.ArrayLike, labels: npt.ArrayLike) -> fl
     return float(-plogp.sum(axis=1).mean())
 
 
-def max_dark_knowledge_entropy_np(num_classes: int) -> float:
-    """Upper bound of :func:`dark_knowledge_entropy_np`: ``ln(C - 1)`` for ``C`` classes."""
+def max_dark_knowledge_entropy(num_classes: int) -> float:
+    """Upper bound of :func:`dark_knowledge_entropy`: ``ln(C - 1)`` for ``C`` classes."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     return math.log(num_classes - 1)

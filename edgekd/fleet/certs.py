@@ -118,6 +118,150 @@ def _san_entry(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+@dataclass(frozen=True)
+class _Validity:
+    """The validity window every certificate of one `make_certificates` call shares."""
+
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @classmethod
+    def starting_now(cls, days: int) -> _Validity:
+        """From five minutes ago (tolerating small clock skew) to ``days`` from now."""
+        now = dt.datetime.now(dt.UTC)
+        return cls(now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
+
+
+@dataclass(frozen=True)
+class _Issued:
+    """A signed certificate and its private key."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+
+def _certificate_hosts(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Check ``hosts``; return them stripped (empty ones dropped) and the server
+    certificate's SubjectAltName hosts (them plus `LOOPBACK_HOSTS`, without repeats)."""
+    if isinstance(hosts, str):
+        raise TypeError("hosts must be a sequence of host names, not one string")
+    names = [h.strip() for h in hosts if h.strip()]
+    if not names:
+        raise ValueError("hosts must name at least one host name or IP address")
+    return names, list(dict.fromkeys([*names, *LOOPBACK_HOSTS]))
+
+
+def _cert_paths(out_dir: Path) -> CertPaths:
+    """Where the CA and server files of ``out_dir`` go."""
+    return CertPaths(
+        ca_cert=out_dir / CA_CERT,
+        ca_key=out_dir / CA_KEY,
+        server_cert=out_dir / SERVER_CERT,
+        server_key=out_dir / SERVER_KEY,
+    )
+
+
+def _key_usage(*, key_cert_sign: bool, key_agreement: bool) -> x509.KeyUsage:
+    """A KeyUsage with digital_signature, plus certificate and CRL signing for a CA
+    (``key_cert_sign``) or key agreement for a TLS server (``key_agreement``)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _ca_name() -> x509.Name:
+    """The private CA's subject (and every certificate's issuer)."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgekd"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "edgekd SuperLink CA"),
+        ]
+    )
+
+
+def _make_ca(validity: _Validity) -> _Issued:
+    """Generate the CA's EC P-256 key and its self-signed certificate (path length 0:
+    it signs only the server certificate)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _ca_name()
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity.not_before)
+        .not_valid_after(validity.not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, key_agreement=False), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return _Issued(ca_key, ca_cert)
+
+
+def _make_server(
+    ca: _Issued, common_name: str, san_hosts: Sequence[str], validity: _Validity
+) -> _Issued:
+    """Generate the SuperLink's EC P-256 key and its TLS server certificate, signed by
+    ``ca``: subject ``common_name``, SubjectAltName ``san_hosts`` (IP addresses as IP
+    entries, anything else as DNS names)."""
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca.key.public_key())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgekd"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                ]
+            )
+        )
+        .issuer_name(_ca_name())
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity.not_before)
+        .not_valid_after(validity.not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(key_cert_sign=False, key_agreement=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_san_entry(h) for h in san_hosts]),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return _Issued(server_key, server_cert)
+
+
+def _write_certificates(out_dir: Path, paths: CertPaths, ca: _Issued, server: _Issued) -> None:
+    """Create ``out_dir``; write the two keys (mode 0600) and the two certificates (0644)
+    in it as PEM."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(paths.ca_key, _pem_private(ca.key), 0o600)
+    _write(paths.server_key, _pem_private(server.key), 0o600)
+    _write(paths.ca_cert, ca.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths.server_cert, server.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
 def make_certificates(
     out_dir: Path,
     *,
@@ -134,113 +278,16 @@ def make_certificates(
     `LOOPBACK_HOSTS` are always added (the SuperLink's own SuperExec needs them).
     Raises `FileExistsError` naming the first file that exists unless ``overwrite``.
     """
-    if isinstance(hosts, str):
-        raise TypeError("hosts must be a sequence of host names, not one string")
-    hosts = [h.strip() for h in hosts if h.strip()]
-    if not hosts:
-        raise ValueError("hosts must name at least one host name or IP address")
-    san_hosts = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))
+    hosts, san_hosts = _certificate_hosts(hosts)
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
     out_dir = Path(out_dir)
-    paths = CertPaths(
-        ca_cert=out_dir / CA_CERT,
-        ca_key=out_dir / CA_KEY,
-        server_cert=out_dir / SERVER_CERT,
-        server_key=out_dir / SERVER_KEY,
-    )
+    paths = _cert_paths(out_dir)
     _refuse_existing((paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key), overwrite)
-
-    now = dt.datetime.now(dt.UTC)
-    not_before = now - dt.timedelta(minutes=5)  # tolerate small clock skew
-    not_after = now + dt.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgekd"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "edgekd SuperLink CA"),
-        ]
-    )
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgekd"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
-                ]
-            )
-        )
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([_san_entry(h) for h in san_hosts]),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write(paths.ca_key, _pem_private(ca_key), 0o600)
-    _write(paths.server_key, _pem_private(server_key), 0o600)
-    _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    validity = _Validity.starting_now(days)
+    ca = _make_ca(validity)
+    server = _make_server(ca, hosts[0], san_hosts, validity)
+    _write_certificates(out_dir, paths, ca, server)
     return paths
 
 

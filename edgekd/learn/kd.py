@@ -14,13 +14,12 @@ Contents:
   Nets" (ICLR 2015).
 * :func:`gradient_norm_balance` -- weight between CE and a feature loss from the ratio of
   their gradient norms at the student feature.
-* :func:`dark_knowledge_entropy` and :func:`max_dark_knowledge_entropy` -- how much
-  "dark knowledge" (non-target probability structure) a distribution carries.
+
+How much "dark knowledge" a distribution carries is a score, not a loss: it lives with
+the other numpy scores in `edgekd.fidelity.scores.dark_knowledge_entropy`.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -33,11 +32,9 @@ from edgekd.core.round_settings import temperature_for_batch  # torch-free: devi
 __all__ = [
     "HintLoss",
     "class_balanced_kd_loss",
-    "dark_knowledge_entropy",
     "gradient_norm_balance",
     "inverse_frequency_class_weights",
     "per_sample_kl",
-    "max_dark_knowledge_entropy",
     "sample_weights_for",
     "soft_targets",
     "temperature_for_batch",
@@ -279,43 +276,3 @@ def gradient_norm_balance(
     if denominator <= eps:
         return 0.5
     return min(1.0, max(0.0, ce_norm / denominator))
-
-
-def dark_knowledge_entropy(probs: Tensor, labels: Tensor) -> Tensor:
-    """Mean entropy (nats) of the non-target part of ``probs``.
-
-    With target ``y`` the non-target distribution is ``q_c = p_c / (1 - p_y)`` for
-    ``c != y``, and::
-
-        H_dark = mean_i [ -sum_{c != y_i} q_ic * log q_ic ].
-
-    This is the "dark knowledge" of Hinton et al. (2015): the relative probabilities of the
-    wrong classes. It is 0 when all non-target mass sits on one class (or there is none,
-    ``p_y = 1``) and reaches :func:`max_dark_knowledge_entropy` when it is uniform.
-
-    Args:
-        probs: Probabilities, shape ``[B, K]``.
-        labels: Integer target classes, shape ``[B]``.
-
-    Returns:
-        Scalar tensor.
-    """
-    if probs.dim() != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(
-            f"expected probs [B, K] and labels [B], got {tuple(probs.shape)} and "
-            f"{tuple(labels.shape)}"
-        )
-    target_mask = F.one_hot(labels.long(), num_classes=probs.shape[1]).to(torch.bool)
-    non_target = probs.masked_fill(target_mask, 0.0)
-    # A confident one-hot row has no non-target mass; the clamp maps it to entropy 0, not NaN.
-    mass = non_target.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    q = non_target / mass
-    entropy = -torch.xlogy(q, q).sum(dim=1)
-    return entropy.mean()
-
-
-def max_dark_knowledge_entropy(num_classes: int) -> float:
-    """Upper bound of :func:`dark_knowledge_entropy`: ``ln(C - 1)`` for ``C`` classes."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return math.log(num_classes - 1)

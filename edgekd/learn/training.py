@@ -46,13 +46,6 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 2048) -> n
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def softmax_np(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 @dataclass(frozen=True)
 class KDSettings:
     """What one call of `kd_train` does; built from `TrainConfig` + `KDConfig`."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from edgekd.reporting.plots import _new_figure, _save
+from edgekd.reporting.plots import new_figure, save_figure
 
 __all__ = ["plot_accuracy_matrix", "plot_task_accuracy"]
 
@@ -29,7 +29,7 @@ def plot_accuracy_matrix(
         raise ValueError(
             f"the accuracy matrix must be square, got rows of {[len(r) for r in rows]}"
         )
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.axes[0]
     image = axes.imshow(rows, vmin=0.0, vmax=1.0, cmap="viridis")
     for i, row in enumerate(rows):
@@ -50,7 +50,7 @@ def plot_accuracy_matrix(
     axes.set_ylabel("after training task i")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="accuracy")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_task_accuracy(
@@ -71,7 +71,7 @@ def plot_task_accuracy(
     """
     rounds = sorted(per_round)
     tasks = len(per_round[rounds[0]]) if rounds else 0
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.axes[0]
     for task in range(tasks):
         axes.plot(
@@ -91,4 +91,4 @@ def plot_task_accuracy(
     axes.grid(visible=True, alpha=0.3)
     if tasks:
         axes.legend(loc="best", fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)

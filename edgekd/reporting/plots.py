@@ -21,7 +21,9 @@ __all__ = ["plot_accuracy", "plot_bytes", "plot_reliability"]
 _RELIABILITY_KEYS = ("bin_lower", "bin_upper", "accuracy", "confidence", "count")
 
 
-def _new_figure(*, rows: int = 1, height_ratios: Sequence[float] | None = None) -> Figure:
+def new_figure(*, rows: int = 1, height_ratios: Sequence[float] | None = None) -> Figure:
+    """An object-oriented figure on an Agg canvas (no pyplot global state): one axes, or
+    ``rows`` stacked axes sharing x."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -34,7 +36,8 @@ def _new_figure(*, rows: int = 1, height_ratios: Sequence[float] | None = None) 
     return figure
 
 
-def _save(figure: Figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write ``figure`` as a 100-dpi PNG (folders made as needed) and free its artists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
@@ -76,7 +79,7 @@ def plot_accuracy(
     Raises:
         ValueError: an evaluated row lacks the ``round`` key.
     """
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.axes[0]
     x, y = _accuracy_series(rounds, "rounds")
     axes.plot(x, y, marker="o", markersize=3, label="edgekd")
@@ -94,7 +97,7 @@ def plot_accuracy(
     axes.set_ylabel("accuracy")
     axes.set_title("Test accuracy per round")
     axes.grid(visible=True, alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -111,7 +114,7 @@ def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
     x = _column(ordered, "round", "rounds")
     down = _column(ordered, "bytes_down", "rounds")
     up = _column(ordered, "bytes_up", "rounds")
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.axes[0]
     axes.plot(x, down, marker="v", markersize=3, label="bytes_down (server → clients)")
     axes.plot(x, up, marker="^", markersize=3, label="bytes_up (clients → server)")
@@ -123,7 +126,7 @@ def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
     axes.grid(visible=True, which="both", alpha=0.3)
     if ordered:
         axes.legend(loc="best")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_reliability(bins: dict[str, list[float]], path: Path, title: str = "Reliability") -> None:
@@ -153,7 +156,7 @@ def plot_reliability(bins: dict[str, list[float]], path: Path, title: str = "Rel
     count = [float(value) for value in bins["count"]]
     filled = [index for index, n in enumerate(count) if n > 0]
 
-    figure = _new_figure(rows=2, height_ratios=(3.0, 1.0))
+    figure = new_figure(rows=2, height_ratios=(3.0, 1.0))
     calibration, histogram = figure.axes
     calibration.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", label="perfect")
     calibration.bar(
@@ -183,4 +186,21 @@ def plot_reliability(bins: dict[str, list[float]], path: Path, title: str = "Rel
     histogram.bar(lower, count, width=width, align="edge", edgecolor="black", color="tab:grey")
     histogram.set_xlabel("confidence")
     histogram.set_ylabel("count")
-    _save(figure, path)
+    save_figure(figure, path)
+
+
+def plot_certified_accuracy(curves: dict[str, dict[str, Any]], path: Path) -> None:
+    """Certified accuracy against the feature-space L-infinity radius, one line per model
+    (`edgekd inspect`)."""
+    figure = new_figure()
+    axes = figure.axes[0]
+    for role, curve in curves.items():
+        label = f"{role} (D = {curve['feature_dim']})"
+        axes.plot(curve["eps"], curve["certified_accuracy"], marker="o", markersize=3, label=label)
+    axes.set_ylim(0.0, 1.0)
+    axes.set_xlabel("feature-space L-inf radius eps")
+    axes.set_ylabel("certified accuracy")
+    axes.set_title("Linear-head certificate on frozen features")
+    axes.grid(visible=True, alpha=0.3)
+    axes.legend(loc="upper right")
+    save_figure(figure, path)

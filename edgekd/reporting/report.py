@@ -20,7 +20,7 @@ from edgekd.core.metrics import (
     reliability_bins,
     teacher_agreement,
 )
-from edgekd.fidelity.scores import dark_knowledge_entropy_np, max_dark_knowledge_entropy_np
+from edgekd.fidelity.scores import dark_knowledge_entropy, max_dark_knowledge_entropy
 from edgekd.reporting.plots import plot_accuracy, plot_bytes, plot_reliability
 
 
@@ -46,8 +46,8 @@ def model_summary(
 def dark_knowledge(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Mean entropy of the non-target distribution, next to its maximum ln(C−1)."""
     return {
-        "entropy": dark_knowledge_entropy_np(probs, labels),
-        "max": max_dark_knowledge_entropy_np(num_classes),
+        "entropy": dark_knowledge_entropy(probs, labels),
+        "max": max_dark_knowledge_entropy(num_classes),
     }
 
 

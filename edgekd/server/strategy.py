@@ -32,7 +32,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -41,6 +40,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Result
 
 from edgekd.core import records as R
+from edgekd.server.ledger import RoundLedger
+from edgekd.server.node_wire import Masks, NodeWire, RoundWire, WireFormat
 from edgekd.server.replies import (
     EVALUATE_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
@@ -48,21 +49,6 @@ from edgekd.server.replies import (
     check_reply_layout,
     checked_metrics,
     clip_update_norms,
-)
-from edgekd.wire.codec import (
-    MASK_SUFFIX,
-    Held,
-    decode_delta,
-    decode_state,
-    encode_state,
-    encode_state_delta,
-    held_codes,
-    inflate_limit,
-    is_encoded,
-    is_packed,
-    pack_record,
-    shapes_manifest,
-    unpack_record,
 )
 from edgekd.wire.payload import (
     PayloadError,
@@ -74,72 +60,12 @@ from edgekd.wire.payload import (
 
 log = logging.getLogger("edgekd")
 
-Masks = Mapping[str, np.ndarray]
 # (round, global arrays) -> (arrays to train from, pruning masks): the compression step
 PrepareRound = Callable[[int, ArrayRecord], tuple[ArrayRecord, dict[str, np.ndarray]]]
 # (round, aggregated arrays, the round's masks) -> arrays: e.g. FedDF distillation
 PostAggregate = Callable[[int, ArrayRecord, Masks], ArrayRecord]
 # (finished round, global arrays after it, the run's results so far): e.g. a checkpoint
 RoundEnd = Callable[[int, ArrayRecord, Result], None]
-
-
-@dataclass(frozen=True)
-class WireFormat:
-    """How the student travels: INT8 values (per-channel scales) or FP32 down, as a
-    whole state or (``download = "delta"``, INT8 only) as the change of its codes
-    against the state the node holds; ``upload`` (fp32 | int8-delta[-ef] |
-    int4-delta[-ef]) up; ``entropy`` ("zlib": every payload deflated, both ways);
-    ``quantizer_for`` names the QAT quantizer clients train with in a round ("" for
-    none)."""
-
-    int8: bool = False
-    upload: str = "fp32"
-    download: str = "state"
-    entropy: str = "none"
-    quantizer_for: Callable[[int], str] = field(default=lambda _round: "")
-
-    @property
-    def state_deltas(self) -> bool:
-        return self.int8 and self.download == "delta"
-
-
-_HELD_VERSIONS = 4  # INT8 states the server keeps codes of, as bases for deltas
-
-
-@dataclass
-class _RoundWire:
-    sent: dict[str, np.ndarray]  # the student as nodes decode it (after INT8 rounding)
-    masks: dict[str, np.ndarray]
-    version: str  # hash of the masks; "" when nothing is pruned
-    master: dict[str, np.ndarray] | None = None  # the FP32 global before INT8 rounding
-
-
-@dataclass
-class RoundLedger:
-    """Per-round accounting: real payload bytes each way and what was dropped."""
-
-    bytes_down: int = 0
-    bytes_up: int = 0
-    messages: int = 0  # training instructions sent
-    eval_messages: int = 0  # evaluation instructions sent (they carry the student too)
-    replies: int = 0
-    missing: int = 0  # training instructions that got no reply before the timeout
-    failures: int = 0
-    rejected: int = 0
-    clipped: int = 0  # accepted updates whose norm was scaled down to the round's bound
-    eval_rejected: int = 0  # evaluation replies that failed validation
-    skipped: int = 0  # 1 when the round kept the old student (too few updates, or it failed)
-    reasons: list[str] = field(default_factory=list)
-
-    def counters(self) -> dict[str, int]:
-        """The numbers of a round record (``rounds.jsonl``), without the reasons."""
-        return {k: v for k, v in vars(self).items() if k != "reasons"}
-
-
-def metric_value(record: MetricRecord | None, key: str) -> float | None:
-    """A numeric metric from an aggregated MetricRecord, or None."""
-    value = record.get(key) if record is not None else None
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _reply_digest(msg: Message) -> str:
@@ -159,17 +85,6 @@ def _require_finite(arrays: ArrayRecord, what: str) -> None:
         value = arr.numpy()
         if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
             raise FloatingPointError(f"{what} holds NaN or Inf in '{name}'")
-
-
-def masks_version(masks: Masks) -> str:
-    """A short content hash of the masks, so nodes can cache them between rounds."""
-    if not masks:
-        return ""
-    digest = hashlib.sha256()
-    for name in sorted(masks):
-        digest.update(name.encode())
-        digest.update(np.packbits(np.asarray(masks[name], dtype=bool).ravel()).tobytes())
-    return digest.hexdigest()[:16]
 
 
 class TrimmedMean(FedTrimmedAvg):
@@ -231,14 +146,14 @@ class EdgeKDStrategy(FedAvg):
         # (None), or a robust Flower strategy such as FedMedian or FedTrimmedAvg.
         self.aggregator = aggregator
         self.ledger: dict[int, RoundLedger] = {}
-        self._nodes_with_teacher: set[int] = set()
-        self._node_masks: dict[int, str] = {}  # node -> mask version it holds
-        self._rounds: dict[int, _RoundWire] = {}
-        # Downlink deltas: the codes of the last INT8 states sent, which one each node
-        # confirmed (by replying) it holds, and which one it was just sent.
-        self._held: dict[str, Held] = {}
-        self._node_state: dict[int, str] = {}
-        self._awaiting: dict[int, str] = {}
+        # What was sent each round and what each node holds (the per-node caches).
+        self.node_wire = NodeWire(
+            self.wire,
+            teacher_record=teacher_record,
+            proxy_record=proxy_record,
+            arrayrecord_key=self.arrayrecord_key,
+            configrecord_key=self.configrecord_key,
+        )
 
     @contextmanager
     def _available_nodes(self, grid: Grid) -> Iterator[None]:
@@ -321,23 +236,22 @@ class EdgeKDStrategy(FedAvg):
 
     def masks_for_round(self, server_round: int) -> dict[str, np.ndarray]:
         """The pruning masks the nodes trained under in ``server_round`` (empty: none)."""
-        wire = self._rounds.get(server_round)
-        return dict(wire.masks) if wire is not None else {}
+        return self.node_wire.masks_for_round(server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        wire = self._rounds.get(server_round)
+        wire = self.node_wire.round_wire(server_round)
         masks = wire.masks if wire is not None else {}
         state = record_to_state(arrays)
-        config = self._with_wire_keys(config, server_round, state, masks)
+        config = self.node_wire.config_with_keys(config, server_round, state, masks)
         with self._available_nodes(grid):
             messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         ledger.eval_messages += len(messages)
-        return self._encode(messages, state, masks, ledger, attach_sources=False)
+        return self.node_wire.encode(messages, state, masks, ledger, attach_sources=False)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -346,136 +260,28 @@ class EdgeKDStrategy(FedAvg):
         if self.prepare_round is not None:
             arrays, masks = self.prepare_round(server_round, arrays)
         state = record_to_state(arrays)
-        sent, _ = decode_state(encode_state(state, masks=masks, int8=self.wire.int8), state)
-        self._rounds[server_round] = _RoundWire(
-            dict(sent), masks, masks_version(masks), dict(state) if self.wire.int8 else None
-        )
-        config = self._with_wire_keys(config, server_round, state, masks)
+        self.node_wire.open_round(server_round, state, masks)
+        config = self.node_wire.config_with_keys(config, server_round, state, masks)
         with self._available_nodes(grid):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         ledger.messages += len(messages)
-        return self._encode(messages, state, masks, ledger, attach_sources=True)
-
-    def _with_wire_keys(
-        self, config: ConfigRecord, server_round: int, state: Masks, masks: Masks
-    ) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                **dict(config.items()),
-                R.SHAPES: shapes_manifest(state),
-                R.UPLOAD: self.wire.upload,
-                R.ENTROPY: self.wire.entropy,
-                R.QAT: self.wire.quantizer_for(server_round),
-                R.MASK_VERSION: masks_version(masks),
-            }
-        )
-
-    def _encode(
-        self,
-        messages: list[Message],
-        state: Masks,
-        masks: Masks,
-        ledger: RoundLedger,
-        *,
-        attach_sources: bool,
-    ) -> list[Message]:
-        """Each message with its own content: the encoded student (masks only for nodes
-        that do not hold this version yet) and, for training, the soft-target source."""
-        version = masks_version(masks)
-        with_masks = encode_state(state, masks=masks, int8=self.wire.int8)
-        without = encode_state(state, masks=masks, int8=self.wire.int8, send_masks=False)
-        state_id = self._remember_state(with_masks, state, masks)
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            content = dict(msg.content.items())
-            cached = bool(masks) and self._node_masks.get(node) == version
-            record = without if cached else with_masks
-            if state_id:
-                record, base_id = self._state_delta(node, record, state, masks, cached)
-                config = msg.content.config_records.get(self.configrecord_key, ConfigRecord())
-                content[self.configrecord_key] = ConfigRecord(
-                    {**dict(config.items()), R.STATE_VERSION: state_id, R.BASE_VERSION: base_id}
-                )
-                self._awaiting[node] = state_id
-            if self.wire.entropy == "zlib":
-                record = pack_record(record)
-            content[self.arrayrecord_key] = record
-            if attach_sources and self.teacher_record is not None:
-                if node not in self._nodes_with_teacher:
-                    content[R.TEACHER] = self.teacher_record
-            if attach_sources and self.proxy_record is not None:
-                content[R.PROXY] = self.proxy_record
-            msg = Message(
-                content=RecordDict(content),
-                dst_node_id=node,
-                message_type=msg.metadata.message_type,
-            )
-            ledger.bytes_down += sum(record_nbytes(r) for r in msg.content.array_records.values())
-            out.append(msg)
-        return out
-
-    def _remember_state(self, full: ArrayRecord, state: Masks, masks: Masks) -> str:
-        """With downlink deltas: the id of this INT8 state (a hash of its encoding),
-        keeping its codes as a base for later deltas; "" otherwise."""
-        if not self.wire.state_deltas:
-            return ""
-        digest = hashlib.sha256()
-        for key, arr in full.items():
-            digest.update(key.encode())
-            digest.update(bytes(arr.data))
-        state_id = digest.hexdigest()[:16]
-        if state_id not in self._held:
-            self._held[state_id] = held_codes(state, masks)
-            while len(self._held) > _HELD_VERSIONS:
-                self._held.pop(next(iter(self._held)))
-        return state_id
-
-    def _state_delta(
-        self, node: int, full: ArrayRecord, state: Masks, masks: Masks, cached: bool
-    ) -> tuple[ArrayRecord, str]:
-        """``(record, base id)``: the change of the codes against the state ``node``
-        holds, or ``(full, "")`` when the server does not know one it still keeps."""
-        base_id = self._node_state.get(node, "")
-        base = self._held.get(base_id)
-        if base is None:
-            return full, ""
-        try:
-            record, _ = encode_state_delta(state, base, masks=masks, send_masks=not cached)
-        except ValueError:  # the student's arrays changed shape since: send it whole
-            return full, ""
-        return record, base_id
-
-    def _settle_states(self, replies: list[Message]) -> None:
-        """A node that replied decoded what it was sent and now holds that state; one
-        that failed or did not answer may hold anything, so it gets a whole state next."""
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            sent = self._awaiting.pop(node, None)
-            if msg.has_error() or sent is None:
-                self._node_state.pop(node, None)
-            else:
-                self._node_state[node] = sent
-        for node in self._awaiting:
-            self._node_state.pop(node, None)
-        self._awaiting.clear()
+        return self.node_wire.encode(messages, state, masks, ledger, attach_sources=True)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        wire = self._rounds.get(server_round)
+        wire = self.node_wire.round_wire(server_round)
         ledger = self.ledger.setdefault(server_round, RoundLedger())
-        self._settle_states(replies)
+        self.node_wire.settle(replies)
         valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._node_masks.pop(node, None)
+                self.node_wire.failed(node)
                 continue
-            if wire is not None and wire.version:
-                self._node_masks[node] = wire.version
+            self.node_wire.replied(node, wire, trained=False)
             try:
                 check_reply_layout(msg, None)
                 metrics = checked_metrics(
@@ -505,17 +311,19 @@ class EdgeKDStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ledger = self.ledger.setdefault(server_round, RoundLedger())
-        wire = self._rounds.get(server_round) or _RoundWire(dict(self.reference_state), {}, "")
+        wire = self.node_wire.round_wire(server_round) or RoundWire(
+            dict(self.reference_state), {}, ""
+        )
         accepted: list[tuple[Message, dict[str, np.ndarray], MetricRecord]] = []
         replies = list(replies)
-        self._settle_states(replies)
+        self.node_wire.settle(replies)
         for msg in replies:
             ledger.replies += 1
             node = msg.metadata.src_node_id
             if msg.has_error():
                 ledger.failures += 1
                 ledger.reasons.append(f"node {node}: {msg.error.reason}")
-                self._node_masks.pop(node, None)  # it may have lost its cache
+                self.node_wire.failed(node)
                 continue
             try:
                 state, reported = self._checked_update(msg, wire, ledger)
@@ -529,9 +337,7 @@ class EdgeKDStrategy(FedAvg):
                     "round %d: rejected update from node %d: %s", server_round, node, reason
                 )
                 continue
-            self._nodes_with_teacher.add(node)
-            if wire.version:
-                self._node_masks[node] = wire.version
+            self.node_wire.replied(node, wire, trained=True)
             accepted.append((msg, state, reported))
         ledger.missing = max(ledger.messages - ledger.replies, 0)
         needed = max(math.ceil(self.min_fraction * ledger.messages), 1)
@@ -583,7 +389,7 @@ class EdgeKDStrategy(FedAvg):
         return arrays, metrics
 
     def _checked_update(
-        self, msg: Message, wire: _RoundWire, ledger: RoundLedger
+        self, msg: Message, wire: RoundWire, ledger: RoundLedger
     ) -> tuple[dict[str, np.ndarray], MetricRecord]:
         """A training reply's decoded student and metrics; raises on anything invalid."""
         record = msg.content.array_records.get(self.arrayrecord_key)
@@ -594,14 +400,14 @@ class EdgeKDStrategy(FedAvg):
         metrics = checked_metrics(
             msg.content.metric_records[R.METRICS], self.train_metric_keys, self.max_examples
         )
-        decoded = self._decode_reply(record, wire)
+        decoded = self.node_wire.decode_reply(record, wire)
         check_update(decoded, wire.sent)
         return dict(record_to_state(decoded)), metrics
 
     def _bounded(
         self,
         accepted: list[tuple[Message, dict[str, np.ndarray], MetricRecord]],
-        wire: _RoundWire,
+        wire: RoundWire,
         ledger: RoundLedger,
     ) -> list[Message]:
         """The accepted replies as the aggregator sees them: each update's change
@@ -619,30 +425,3 @@ class EdgeKDStrategy(FedAvg):
             )
             out.append(msg)
         return out
-
-    def _decode_reply(self, record: ArrayRecord, wire: _RoundWire) -> ArrayRecord:
-        """A reply's student as plain FP32 arrays; `PayloadError` if it does not decode."""
-        if is_packed(record):
-            record = unpack_record(record, inflate_limit(wire.sent))
-        if not is_encoded(record):  # plain Arrays (a node without the codec mod)
-            check_update(record, wire.sent)
-            state = record_to_state(record)
-            for name, mask in wire.masks.items():  # it cannot un-prune a weight
-                state[name] = np.where(mask, state[name], np.zeros_like(state[name]))
-        elif self.wire.upload == "fp32":
-            if any(key.endswith(MASK_SUFFIX) for key in record.keys()):
-                # it could un-prune weights with a mask of its own
-                raise PayloadError("a reply may not carry pruning masks: they are the server's")
-            state, _ = decode_state(record, wire.sent, known_masks=wire.masks)
-        else:
-            state = decode_delta(record, wire.sent, masks=wire.masks)
-        if wire.master is not None:
-            # The server keeps FP32 master weights: a node's change is applied to them,
-            # not to their INT8 rounding, or every update smaller than half a step
-            # would be rounded away again next round and late training would stall.
-            for name, value in state.items():
-                if value.dtype.kind == "f":
-                    state[name] = (wire.master[name] + (value - wire.sent[name])).astype(
-                        value.dtype
-                    )
-        return state_to_record(state)

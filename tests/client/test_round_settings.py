@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgekd.core import records as R
+from edgekd.core.numerics import softmax
 from edgekd.core.round_settings import RoundSettings, round_seed, temperature_for_batch
 
 CONFIG = {
@@ -42,7 +43,6 @@ def test_proxy_targets_are_softened_at_the_nodes_temperature(monkeypatch) -> Non
     import edgekd.client.trainer as trainer
     from edgekd.core.data import ArrayDataset
     from edgekd.learn.models import build_model, spec_for
-    from edgekd.learn.training import softmax_np
 
     # Prepare: capture the targets of every kd_train call.
     seen: list[np.ndarray | None] = []
@@ -66,6 +66,6 @@ def test_proxy_targets_are_softened_at_the_nodes_temperature(monkeypatch) -> Non
     # Assert: the local CE epoch has no targets; the proxy epoch softmax(z / T(8)).
     proxy_targets = [p for p in seen if p is not None]
     assert proxy_targets, seen
-    expected = softmax_np(logits, temperature_for_batch(4.0, 32, 8))
+    expected = softmax(logits, temperature_for_batch(4.0, 32, 8))
     np.testing.assert_allclose(proxy_targets[0], expected, rtol=1e-6)
-    assert not np.allclose(proxy_targets[0], softmax_np(logits, 4.0))
+    assert not np.allclose(proxy_targets[0], softmax(logits, 4.0))

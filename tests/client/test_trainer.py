@@ -11,9 +11,10 @@ import torch
 from edgekd.client.teacher_cache import TeacherMissingError, teacher_logits, teacher_session
 from edgekd.client.trainer import RoundSettings, evaluate_state, local_kd_update
 from edgekd.core.data import ArrayDataset
+from edgekd.core.numerics import softmax
 from edgekd.deploy.onnx_export import export_onnx_bytes
 from edgekd.learn.models import build_model, model_state, spec_for
-from edgekd.learn.training import predict_logits, softmax_np
+from edgekd.learn.training import predict_logits
 
 SPEC = spec_for((1, 40), 10, 4)
 
@@ -51,12 +52,12 @@ def test_local_kd_update_moves_toward_the_teacher() -> None:
     data = _data()
     logits = predict_logits(teacher, data.x)
     state = model_state(build_model(SPEC))
-    t_probs = softmax_np(logits)
+    t_probs = softmax(logits)
 
     def kl(s: dict[str, np.ndarray]) -> float:
         from edgekd.learn.models import load_for_state as load_state
 
-        p = softmax_np(predict_logits(load_state(SPEC, s), data.x))
+        p = softmax(predict_logits(load_state(SPEC, s), data.x))
         return float((t_probs * (np.log(t_probs) - np.log(p))).sum(1).mean())
 
     # Execute

@@ -15,8 +15,9 @@ from edgekd.continual.learner import evaluate_stream, run_sequential, train_task
 from edgekd.continual.regularizers import NaiveFineTuning, Replay, TeacherKD
 from edgekd.continual.streams import TaskStream, make_stream
 from edgekd.core.data import _mnist1d
+from edgekd.core.numerics import softmax
 from edgekd.learn.models import build_model, spec_for
-from edgekd.learn.training import KDSettings, kd_train, softmax_np, teacher_probs_for
+from edgekd.learn.training import KDSettings, kd_train, teacher_probs_for
 
 SPEC = spec_for((1, 40), 10, 4)
 
@@ -46,7 +47,7 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
 def test_teacher_kd_with_weight_zero_equals_naive_exactly() -> None:
     # Prepare
     x, y = _data()
-    teacher_probs = softmax_np(np.random.default_rng(1).normal(size=(len(y), 10)), 4.0)
+    teacher_probs = softmax(np.random.default_rng(1).normal(size=(len(y), 10)), 4.0)
     naive, kd = _model(), _model()
     # Execute
     _train(naive, NaiveFineTuning())
@@ -67,7 +68,7 @@ def test_train_task_is_seeded() -> None:
 
 def test_teacher_kd_penalty_moves_the_weights_and_is_reported() -> None:
     x, y = _data()
-    teacher_probs = softmax_np(np.random.default_rng(1).normal(size=(len(y), 10)), 4.0)
+    teacher_probs = softmax(np.random.default_rng(1).normal(size=(len(y), 10)), 4.0)
     naive, kd = _model(), _model()
     _train(naive, NaiveFineTuning())
     out = _train(kd, TeacherKD(weight=1.0), teacher_probs=teacher_probs, class_weighting=True)

@@ -25,11 +25,11 @@ from edgekd.fidelity.scores import (
     bootstrap_intervals,
     certified_accuracy_curve,
     certified_radius,
-    dark_knowledge_entropy_np,
+    dark_knowledge_entropy,
     fit_temperature,
     kendall_tau_per_sample,
     l1_certificate,
-    max_dark_knowledge_entropy_np,
+    max_dark_knowledge_entropy,
     minority_majority_ece,
     per_class_ece,
     rank_order_fidelity,
@@ -262,20 +262,27 @@ def test_uq_fidelity_by_hand() -> None:
 
 
 # ------------------------------------------------------------------ dark knowledge
-def test_dark_knowledge_entropy_matches_torch_version() -> None:
-    # Prepare: random rows plus a one-hot row (no non-target mass: entropy 0)
-    from edgekd.learn.kd import dark_knowledge_entropy
-
-    probs, labels = _random_probs(50, 6, seed=8)
-    probs[0] = np.eye(6)[labels[0]]
+def test_dark_knowledge_entropy_uniform_non_target_is_max() -> None:
+    # Prepare
+    classes = 6
+    probs = np.full((2, classes), 0.4 / (classes - 1))
+    probs[0, 2] = 0.6
+    probs[1, 5] = 0.6
     # Execute
-    ours = dark_knowledge_entropy_np(probs, labels)
+    entropy = dark_knowledge_entropy(probs, np.array([2, 5]))
     # Assert
-    theirs = float(dark_knowledge_entropy(torch.from_numpy(probs), torch.from_numpy(labels)))
-    assert ours == pytest.approx(theirs, rel=1e-9)
-    assert max_dark_knowledge_entropy_np(6) == pytest.approx(math.log(5))
-    uniform = np.full((1, 6), 1 / 6)
-    assert dark_knowledge_entropy_np(uniform, np.array([2])) == pytest.approx(math.log(5))
+    assert entropy == pytest.approx(math.log(classes - 1))
+    assert max_dark_knowledge_entropy(classes) == pytest.approx(math.log(5))
+
+
+def test_dark_knowledge_entropy_hand_example_and_one_hot_row() -> None:
+    # Prepare: row 0 non-target renormalized to [0.6, 0.4]; row 1 is one-hot (no dark mass)
+    probs = np.array([[0.5, 0.3, 0.2], [0.0, 1.0, 0.0]])
+    # Execute
+    entropy = dark_knowledge_entropy(probs, np.array([0, 1]))
+    # Assert
+    row0 = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
+    assert entropy == pytest.approx(row0 / 2)
 
 
 # ------------------------------------------------------------------ certificates

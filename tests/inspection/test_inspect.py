@@ -22,6 +22,7 @@ from torch import nn
 from edgekd.core.config import DataConfig
 from edgekd.core.data import load_federated_data
 from edgekd.core.metrics import classification_metrics
+from edgekd.core.numerics import softmax
 from edgekd.deploy.onnx_export import export_onnx_bytes
 from edgekd.fidelity.attacks import (
     fgsm_accuracy,
@@ -33,7 +34,7 @@ from edgekd.fidelity.attacks import (
 from edgekd.fidelity.scores import certified_radius, l1_certificate
 from edgekd.inspection import ModelFileError, run_inspect
 from edgekd.learn.models import build_model, save_checkpoint, spec_for
-from edgekd.learn.training import predict_logits, softmax_np
+from edgekd.learn.training import predict_logits
 
 DATA = DataConfig(num_samples=1000)
 SEED = 3
@@ -117,7 +118,7 @@ def test_report_files_and_numbers_match_direct_computation(
 
     student, _ = load_checkpoint(str(model_files["student"]))
     direct = classification_metrics(
-        softmax_np(predict_logits(student, data.test.x)), data.test.y, data.num_classes
+        softmax(predict_logits(student, data.test.x)), data.test.y, data.num_classes
     )
     # Assert
     for name in ("fidelity.json", "fidelity.md", "certified_accuracy.png"):

@@ -13,10 +13,8 @@ from torch import nn
 from edgekd.learn.kd import (
     HintLoss,
     class_balanced_kd_loss,
-    dark_knowledge_entropy,
     gradient_norm_balance,
     inverse_frequency_class_weights,
-    max_dark_knowledge_entropy,
     sample_weights_for,
     soft_targets,
     temperature_for_batch,
@@ -370,31 +368,3 @@ def test_gradient_norm_balance_zero_and_unused_gradients() -> None:
     assert gradient_norm_balance(zero_loss, zero_loss, feature) == 0.5
     assert gradient_norm_balance(ce_loss, unrelated, feature) == 1.0
     assert gradient_norm_balance(unrelated, ce_loss, feature) == 0.0
-
-
-# --- dark knowledge --------------------------------------------------------------------------
-
-
-def test_dark_knowledge_entropy_uniform_non_target_is_max() -> None:
-    # Prepare
-    classes = 6
-    probs = torch.full((2, classes), 0.4 / (classes - 1), dtype=torch.float64)
-    probs[0, 2] = 0.6
-    probs[1, 5] = 0.6
-    labels = torch.tensor([2, 5])
-    # Execute
-    entropy = dark_knowledge_entropy(probs, labels)
-    # Assert
-    assert entropy.item() == pytest.approx(math.log(classes - 1))
-    assert max_dark_knowledge_entropy(classes) == pytest.approx(math.log(5))
-
-
-def test_dark_knowledge_entropy_hand_example_and_one_hot_row() -> None:
-    # Prepare: row 0 non-target renormalized to [0.6, 0.4]; row 1 is one-hot (no dark mass)
-    probs = torch.tensor([[0.5, 0.3, 0.2], [0.0, 1.0, 0.0]], dtype=torch.float64)
-    labels = torch.tensor([0, 1])
-    # Execute
-    entropy = dark_knowledge_entropy(probs, labels)
-    # Assert
-    row0 = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
-    assert entropy.item() == pytest.approx(row0 / 2)

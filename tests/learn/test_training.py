@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from edgekd.core.numerics import softmax
 from edgekd.learn.models import build_model, spec_for
 from edgekd.learn.training import (
     DivergenceError,
     KDSettings,
     kd_train,
     predict_logits,
-    softmax_np,
 )
 
 SPEC = spec_for((1, 40), 10, 4)
@@ -31,7 +31,7 @@ def test_sgd_lr_005_with_class_weights_stays_finite() -> None:
     # bounded class weights and gradient clipping keep it finite.
     torch.manual_seed(0)
     x, y = _skewed()
-    teacher_probs = softmax_np(np.eye(10, dtype=np.float32)[y] * 8, 4.0)
+    teacher_probs = softmax(np.eye(10, dtype=np.float32)[y] * 8, 4.0)
     model = build_model(SPEC)
     settings = KDSettings(
         epochs=5, lr=0.05, batch_size=16, optimizer="sgd", class_weighting=True, clip_norm=2.0
@@ -52,7 +52,7 @@ def test_hint_term_trains_with_a_torch_teacher() -> None:
         model,
         x,
         y,
-        softmax_np(predict_logits(teacher, x), 4.0),
+        softmax(predict_logits(teacher, x), 4.0),
         settings,
         num_classes=10,
         seed=0,

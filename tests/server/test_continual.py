@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edgekd.client.codec_mod import payload_codec_mod
 from edgekd.client.continual_client import META, PROXY_STATE, handle_continual_train, held_state
@@ -20,13 +20,10 @@ from edgekd.continual.scenario import client_stream
 from edgekd.continual.streams import task_client_split
 from edgekd.core import records as R
 from edgekd.core.config import EdgeKDConfig
+from edgekd.core.round_settings import continual_round_config
 from edgekd.learn.models import build_model, spec_for
-from edgekd.server.continual import (
-    ContinualStrategy,
-    TaskSchedule,
-    continual_train_config,
-    run_method,
-)
+from edgekd.server.continual import ContinualStrategy, TaskSchedule
+from edgekd.server.continual_run import run_method
 from edgekd.wire.payload import record_to_state, state_to_record
 
 NODES = [11, 12]
@@ -260,7 +257,7 @@ def test_strategy_injects_the_task_and_keeps_rejecting_bad_updates(cfg: EdgeKDCo
         fed.grid,
         state_to_record(reference),
         num_rounds=2,
-        train_config=continual_train_config(cfg),
+        train_config=ConfigRecord(dict(continual_round_config(cfg))),
     )
 
     # Assert

@@ -12,7 +12,7 @@ from fakegrid import FakeGrid  # tests/server/fakegrid.py
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from edgekd.core import records as R
-from edgekd.server.app import robust_aggregator
+from edgekd.server.federation import robust_aggregator
 from edgekd.server.replies import bounded_weights, clip_update_norms
 from edgekd.server.strategy import EdgeKDStrategy
 from edgekd.wire.payload import record_to_state, state_to_record

@@ -11,11 +11,12 @@ import pytest
 from edgekd.cli.main import int8_verdict
 from edgekd.core.config import EdgeKDConfig
 from edgekd.core.data import FederatedData, load_federated_data
+from edgekd.core.numerics import softmax
 from edgekd.deploy.onnx_export import export_onnx_bytes
 from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
 from edgekd.learn.models import load_checkpoint
-from edgekd.learn.training import predict_logits, softmax_np
-from edgekd.server.app import check_int8_export
+from edgekd.learn.training import predict_logits
+from edgekd.server.outputs import check_int8_export
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -37,7 +38,7 @@ def test_good_export_passes_and_names_its_host(default_data: FederatedData, tmp_
     # Prepare: the default run's student and its own INT8 export.
     student, _ = load_checkpoint(str(DATA / "student_w16_default.pt"))
     int8 = _int8_of(DATA / "student_w16_default.pt", default_data, tmp_path / "s.int8.onnx")
-    teacher_probs = softmax_np(predict_logits(student, default_data.test.x))
+    teacher_probs = softmax(predict_logits(student, default_data.test.x))
 
     # Execute
     block = check_int8_export(int8, student, default_data, teacher_probs)

@@ -17,7 +17,6 @@ from edgekd.client.app import make_client_app
 from edgekd.core import records as R
 from edgekd.core.config import EdgeKDConfig
 from edgekd.learn.models import load_checkpoint
-from edgekd.server.app import run_edgekd
 from edgekd.server.checkpoint import (
     CHECKPOINT_FILE,
     ResumeError,
@@ -27,6 +26,7 @@ from edgekd.server.checkpoint import (
     restore_rng,
     save_run_checkpoint,
 )
+from edgekd.server.pipeline import run_edgekd
 
 NODES = [21, 22]
 

@@ -11,7 +11,8 @@ from fakegrid import FakeGrid, Reply  # tests/server/fakegrid.py
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from edgekd.core import records as R
-from edgekd.server.strategy import EdgeKDStrategy, WireFormat
+from edgekd.server.node_wire import WireFormat
+from edgekd.server.strategy import EdgeKDStrategy
 from edgekd.wire.payload import PayloadError, record_nbytes, record_to_state, state_to_record
 
 REFERENCE = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
@@ -134,7 +135,7 @@ def test_no_node_at_all_is_an_error() -> None:
 
 
 def test_fedavg_equivalent_bytes_count_every_transfer() -> None:
-    from edgekd.server.app import communication
+    from edgekd.server.outputs import communication
 
     rounds = [
         {"messages": 0, "replies": 0, "failures": 0, "bytes_down": 0, "bytes_up": 0},
@@ -320,7 +321,7 @@ def test_robust_aggregation_resists_a_scaled_update_and_nan_is_always_rejected(
     aggregation: str,
 ) -> None:
     # Prepare: four honest nodes near 1.0, one sending its update scaled by 1e6, one NaN
-    from edgekd.server.app import robust_aggregator
+    from edgekd.server.federation import robust_aggregator
 
     def reply(node: int, msg: Message) -> RecordDict | None:
         if node == 5:

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,13 +35,6 @@ from edgekd.deploy.bundle.layout import (
     _sha256_file,
 )
 from edgekd.deploy.host import int8_host
-from edgekd.deploy.parity import (
-    ParityError,
-    ParityResult,
-    measure_parity,
-    parity_problems,
-    predictor_for,
-)
 from edgekd.deploy.profiles import DeviceProfile, load_profile
 from edgekd.deploy.quantize import CALIBRATION_SAMPLES, quantize_onnx_int8
 from edgekd.deploy.signing import SignatureError, sign_manifest
@@ -51,7 +45,7 @@ if TYPE_CHECKING:
     from edgekd.core.config import EdgeKDConfig
     from edgekd.core.data import FederatedData
 
-from edgekd.deploy.bundle.check import _feature_path_parity, _head_arrays, _torch_device
+from edgekd.deploy.bundle.build_parity import build_parity
 from edgekd.deploy.bundle.templates import _text_files
 
 log = logging.getLogger(__name__)
@@ -92,13 +86,68 @@ def build_bundle(
         ProfileError: unknown or malformed profile.
     """
     model_path, out = Path(model_path), Path(out_dir)
+    _check_superlink(superlink)
+    _refuse_occupied(out, force)
+    profile = load_profile(target)
+    student = _load_run(model_path, Path(run_dir) if run_dir is not None else model_path.parent)
+    exports = _exports(student, profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _fill_bundle(
+            tmp,
+            student,
+            profile,
+            exports,
+            superlink=superlink,
+            data_dir=data_dir,
+            sign_key=sign_key,
+        )
+        _install(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass(frozen=True)
+class _Student:
+    """The checkpoint to bundle, its model and spec, and the run config and data it was
+    trained on (``note`` says when that config is the default one)."""
+
+    path: Path
+    model: nn.Module
+    spec: Any
+    cfg: EdgeKDConfig
+    data: FederatedData
+    note: str
+
+
+@dataclass(frozen=True)
+class _Exports:
+    """What goes into the bundle besides the text files and the manifest: the model
+    files, parity data and head weights, with the torch student's logits on the test
+    split that every export is checked against."""
+
+    artifacts: list[_Artifact]
+    notes: list[str]
+    reference: np.ndarray
+    num_features: int
+    parity_samples: int
+
+
+def _check_superlink(superlink: str) -> None:
+    """Refuse a ``superlink`` that is not ``HOST:PORT`` with a port in 1..65535."""
     host, _, port = superlink.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise BundleError(f"superlink must be HOST:PORT, got '{superlink}'")
-    _refuse_occupied(out, force)
-    profile = load_profile(target)
+
+
+def _load_run(model_path: Path, run_dir: Path) -> _Student:
+    """Load the student checkpoint, the config of the run in ``run_dir`` and its data;
+    refuse a student whose input shape or class count does not fit that data."""
     model, spec = _load_student(model_path)
-    cfg, data_note = _run_config(Path(run_dir) if run_dir is not None else model_path.parent)
+    cfg, data_note = _run_config(run_dir)
     data = _load_data(cfg)
     if (spec.in_channels, spec.input_size, spec.num_classes) != (
         data.input_shape[0],
@@ -110,59 +159,80 @@ def build_bundle(
             f"{spec.num_classes} classes, but the run's data has shape {data.input_shape} and "
             f"{data.num_classes} classes"
         )
+    return _Student(model_path, model, spec, cfg, data, data_note)
+
+
+def _exports(student: _Student, profile: DeviceProfile) -> _Exports:
+    """Score the torch student on the test split (the parity reference), export the
+    profile's model files, and add the shipped parity samples and, for head-only
+    training, the head's weights."""
     from edgekd.deploy.parity import torch_predictor
 
+    model, data = student.model, student.data
     test_x, test_y = data.test.x, data.test.y
     reference = torch_predictor(model)(test_x)
     head_weight, head_bias, num_features = _head_of(model, profile)
-    artifacts, notes = _model_artifacts(model, model_path, profile, data)
-    notes = [data_note, *notes] if data_note else notes
+    artifacts, notes = _model_artifacts(model, student.path, profile, data)
+    notes = [student.note, *notes] if student.note else notes
     n = min(PARITY_SAMPLES, len(test_y))
     artifacts.append(_npz(PARITY_DATA, x=test_x[:n], y=test_y[:n], logits=reference[:n]))
     if profile.training_mode == "head-only":
         artifacts.append(_npz(HEAD, weight=head_weight, bias=head_bias))
+    return _Exports(artifacts, notes, reference, num_features, n)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for artifact in artifacts:
-            (tmp / artifact.name).write_bytes(artifact.data)
-        parity = _build_parity(tmp, artifacts, profile, test_x, test_y, reference)
-        inference = next(a for a in artifacts if a.role == INFERENCE)
-        size = len(inference.data)
-        if size > profile.budget.max_model_bytes:
-            raise BundleError(
-                f"{inference.name} is {size:,} bytes, over {profile.name}'s max_model_bytes "
-                f"{profile.budget.max_model_bytes:,} by {size - profile.budget.max_model_bytes:,}"
-            )
-        texts = _text_files(profile, artifacts, superlink, data_dir)
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
-        manifest = _manifest(
-            tmp,
-            profile=profile,
-            artifacts=artifacts,
-            parity=parity,
-            model_path=model_path,
-            spec=spec.to_dict(),
-            data=data,
-            cfg=cfg,
-            num_features=num_features,
-            calibration=min(CALIBRATION_SAMPLES, len(data.public)),
-            parity_samples=n,
-            notes=notes,
+
+def _check_budget(artifacts: list[_Artifact], profile: DeviceProfile) -> None:
+    """Refuse an inference model over the profile's ``max_model_bytes``."""
+    inference = next(a for a in artifacts if a.role == INFERENCE)
+    size = len(inference.data)
+    if size > profile.budget.max_model_bytes:
+        raise BundleError(
+            f"{inference.name} is {size:,} bytes, over {profile.name}'s max_model_bytes "
+            f"{profile.budget.max_model_bytes:,} by {size - profile.budget.max_model_bytes:,}"
         )
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if sign_key is not None:
-            try:
-                sign_manifest(tmp, Path(sign_key))
-            except SignatureError as exc:
-                raise BundleError(str(exc)) from None
-        _install(tmp, out, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def _fill_bundle(
+    tmp: Path,
+    student: _Student,
+    profile: DeviceProfile,
+    exports: _Exports,
+    *,
+    superlink: str,
+    data_dir: str,
+    sign_key: str | Path | None,
+) -> None:
+    """Write the bundle into the scratch folder ``tmp``: the exports (each checked for
+    parity on the full test split, the inference model against the size budget), the
+    text files, ``manifest.json`` and, with ``sign_key``, its signature."""
+    artifacts, data = exports.artifacts, student.data
+    for artifact in artifacts:
+        (tmp / artifact.name).write_bytes(artifact.data)
+    parity = build_parity(tmp, artifacts, profile, data.test.x, data.test.y, exports.reference)
+    _check_budget(artifacts, profile)
+    texts = _text_files(profile, artifacts, superlink, data_dir)
+    for name, text in texts.items():
+        (tmp / name).write_text(text)
+    manifest = _manifest(
+        tmp,
+        profile=profile,
+        artifacts=artifacts,
+        parity=parity,
+        model_path=student.path,
+        spec=student.spec.to_dict(),
+        data=data,
+        cfg=student.cfg,
+        num_features=exports.num_features,
+        calibration=min(CALIBRATION_SAMPLES, len(data.public)),
+        parity_samples=exports.parity_samples,
+        notes=exports.notes,
+    )
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if sign_key is not None:
+        try:
+            sign_manifest(tmp, Path(sign_key))
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from None
 
 
 def _refuse_occupied(out: Path, force: bool) -> None:
@@ -382,122 +452,6 @@ def _litert_artifacts(
         ),
     ]
     return artifacts, notes
-
-
-# ------------------------------------------------------------------ parity at build time
-def _build_parity(
-    folder: Path,
-    artifacts: list[_Artifact],
-    profile: DeviceProfile,
-    x: np.ndarray,
-    y: np.ndarray,
-    reference: np.ndarray,
-) -> dict[str, dict[str, Any]]:
-    """Parity of every model file on the full test split; raise `ParityError` on a miss."""
-    out: dict[str, dict[str, Any]] = {}
-    problems: list[str] = []
-    for artifact in artifacts:
-        if artifact.role in (INFERENCE, REFERENCE):
-            result = _student_parity(folder / artifact.name, artifact, profile, x, y, reference)
-        elif artifact.role == FEATURES:
-            step = next(a.name for a in artifacts if a.role == HEAD_STEP)
-            result = _feature_path_parity(folder, artifact.name, step, x, y, reference)
-        elif artifact.role == HEAD_STEP:
-            out[artifact.name] = _head_step_parity(folder, artifacts, profile, x, y, reference)
-            problems += out[artifact.name].pop("problems")
-            continue
-        else:
-            continue
-        out[artifact.name] = result.to_dict()
-        problems += parity_problems(result, profile)
-    if problems:
-        raise ParityError("; ".join(problems))
-    return out
-
-
-def _student_parity(
-    path: Path,
-    artifact: _Artifact,
-    profile: DeviceProfile,
-    x: np.ndarray,
-    y: np.ndarray,
-    reference: np.ndarray,
-) -> ParityResult:
-    precision = artifact.precision
-    device, fp16 = "cpu", False
-    if path.suffix == ".pt":
-        device, fp16 = _torch_device(profile)
-        precision = "fp16" if fp16 else "fp32"
-        if precision != artifact.precision:
-            artifact.note = f"parity measured in {precision} on {device}: no CUDA on this host"
-    predict, runtime = predictor_for(
-        path, threads=1, providers=profile.execution_providers, device=device, fp16=fp16
-    )
-    return measure_parity(
-        predict(x), reference, y, model_file=path.name, precision=precision, runtime=runtime
-    )
-
-
-def _edge_runtime(folder: Path, artifacts: list[_Artifact], threads: int = 1) -> Any:
-    from edgekd.deploy.runtimes import runtime_for
-
-    features = next(a.name for a in artifacts if a.role == FEATURES)
-    step = next(a.name for a in artifacts if a.role == HEAD_STEP)
-    return runtime_for(str(folder / features), str(folder / step), threads=threads)
-
-
-def _head_step_parity(
-    folder: Path,
-    artifacts: list[_Artifact],
-    profile: DeviceProfile,
-    x: np.ndarray,
-    y: np.ndarray,
-    reference: np.ndarray,
-) -> dict[str, Any]:
-    """One step of the exported head-step graph against `HeadKDStep` in torch, on the
-    first training batch of the test split with the torch logits as the teacher: the new
-    weights may differ by at most the profile's FP32 logit tolerance."""
-    import torch
-
-    from edgekd.deploy.head_step import HeadKDStep
-
-    runtime = _edge_runtime(folder, artifacts)
-    weight, bias = _head_arrays(folder)
-    n = min(profile.training_batch_size, len(y))
-    features = runtime.features(x[:n])
-    class_weights = np.ones(len(bias), dtype=np.float32)
-    settings = (4.0, 0.5, 0.1)  # temperature, alpha, lr: a large lr makes the step visible
-    new_w, new_b, loss = runtime.head_step(
-        features, y[:n], reference[:n], weight, bias, class_weights, *settings
-    )
-    with torch.no_grad():
-        floats = (reference[:n], weight, bias, class_weights)
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (features, y[:n])]
-        tensors += [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in floats]
-        ref_w, ref_b, ref_loss = HeadKDStep()(
-            *tensors, *(torch.tensor(v, dtype=torch.float32) for v in settings)
-        )
-    diff = max(
-        float(np.abs(new_w - ref_w.numpy()).max()), float(np.abs(new_b - ref_b.numpy()).max())
-    )
-    step = next(a.name for a in artifacts if a.role == HEAD_STEP)
-    limit = profile.parity.max_abs_logit_diff_fp32
-    problems = []
-    if not (np.isfinite(loss) and diff <= limit):
-        problems.append(
-            f"{step}: one KD step differs from torch's HeadKDStep by {diff:.4g} in the "
-            f"weights (loss {loss:.4g}), over {profile.name}'s FP32 tolerance {limit:g} "
-            f"by {diff - limit:.4g}"
-        )
-    return {
-        "model_file": step,
-        "precision": "fp32",
-        "samples": n,
-        "max_abs_weight_diff": diff,
-        "loss": float(loss),
-        "torch_loss": float(ref_loss),
-        "problems": problems,
-    }
 
 
 # ------------------------------------------------------------------ manifest
