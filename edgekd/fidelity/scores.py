@@ -17,7 +17,7 @@ Contents:
   score (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13) and how the
   student's intervals compare with the teacher's;
 * dark knowledge: entropy of the non-target distribution (Hinton et al., "Distilling the
-  Knowledge in a Neural Network", 2015), the numpy twin of `edgekd.learn.kd`;
+  Knowledge in a Neural Network", 2015), its only implementation;
 * robustness: exact certificates of a linear head on frozen features against
   L-infinity feature perturbations (the dual-norm bound, e.g. Wong & Kolter, "Provable
   Defenses against Adversarial Examples via the Convex Outer Adversarial Polytope",
