@@ -20,8 +20,10 @@ from pathlib import Path
 MODELS = [
     ("teacher", "teacher (server)"),
     ("student", "edgekd student"),
-    ("server_only", "server-only KD"),
-    ("baseline", "FedAvg, no teacher"),
+    ("server_only", "server-only KD (tuned)"),
+    ("ceiling", "centralised ceiling"),
+    ("baseline", "FedAvg from scratch"),
+    ("fedavg_warm", "FedAvg from the warm start"),
 ]
 
 
@@ -54,6 +56,21 @@ def main() -> int:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if all("server_only" in r for r in reports):
+        leads = [r["student"]["accuracy"] - r["server_only"]["accuracy"] for r in reports]
+        print(
+            "\nedgekd - tuned server-only, per seed: "
+            + ", ".join(f"{100 * d:+.2f}" for d in leads)
+            + f" points (mean {100 * statistics.mean(leads):+.2f})"
+        )
+        gaps = [r.get("gap_closed") for r in reports]
+        print("share of the server-only -> ceiling gap closed, per seed: " + ", ".join(
+            "n/a" if g is None else f"{100 * g:.0f} %" for g in gaps
+        ))  # fmt: skip
+        chosen = [r["server_only"]["chosen"] for r in reports]
+        print("server-only chosen on the clients' validation shares: " + "; ".join(
+            f"lr {c['lr']:g}, augment {c['augment'] or 'off'}" for c in chosen
+        ))  # fmt: skip
     secs = [r["seconds"] for r in reports]
     print(
         f"\nteacher on server-domain test: "

@@ -223,7 +223,9 @@ def print_summary(report: dict[str, Any]) -> None:
     for key, name in (
         ("student_int8", "student INT8 ONNX"),
         ("server_only", "server-only KD"),
-        ("baseline", "FedAvg, no teacher"),
+        ("ceiling", "centralised ceiling"),
+        ("baseline", "FedAvg from scratch"),
+        ("fedavg_warm", "FedAvg, warm start"),
     ):
         if key in report:
             rows.append((name, report[key]))
@@ -241,12 +243,28 @@ def print_summary(report: dict[str, Any]) -> None:
         f"bytes down {comm['bytes_down']:,}, up {comm['bytes_up']:,}; "
         f"{report['seconds']:.0f} s"
     )
+    if "ceiling" in report:
+        print(comparator_summary(report))
     int8 = report.get("student_int8")
     if int8 is not None:
         print(int8_verdict(int8))
     if report["config"].get("faults"):
         print(fault_drill_summary(report["config"]["faults"], report["rounds"]))
     print()
+
+
+def comparator_summary(report: dict[str, Any]) -> str:
+    """How the tuned comparators were chosen, and the share of the server-only ->
+    ceiling gap the federated student closes (`edgekd.server.comparators`)."""
+    so, ceiling, gap = report["server_only"], report["ceiling"], report.get("gap_closed")
+    lead = report["student"]["accuracy"] - so["accuracy"]
+    closed = "no gap to close" if gap is None else f"{100 * gap:.0f} % of the gap closed"
+    return (
+        f"server-only KD tuned on the clients' validation shares: lr {so['chosen']['lr']:g}, "
+        f"augment {so['chosen']['augment'] or 'off'}; ceiling augment "
+        f"{ceiling['chosen']['augment'] or 'off'}; edgekd vs server-only {100 * lead:+.2f} "
+        f"points, {closed}"
+    )
 
 
 def fault_drill_summary(plan: str, rounds: list[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from edgekd.core.data import ArrayDataset
 from edgekd.core.metrics import classification_metrics
 from edgekd.core.numerics import softmax
 from edgekd.core.round_settings import RoundSettings
+from edgekd.learn.augment import Augment
 from edgekd.learn.compression import keep_pruned_at_zero, plain_state
 from edgekd.learn.compression import training_view as make_training_view
 from edgekd.learn.models import ModelSpec, load_for_state
@@ -83,6 +84,8 @@ def _train(
         optimizer=settings.optimizer,
         device=settings.device,
         fp16=settings.fp16,
+        augment=Augment.from_spec(settings.augment),
+        trust_correct=settings.trust == "correct",
     )
     probs = None
     if settings.mode == "kd" and teacher_logits is not None:

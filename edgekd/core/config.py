@@ -72,18 +72,27 @@ class TrainConfig:
     fraction_evaluate: float = 0.25  # federated evaluation on a sample of clients
     min_nodes: int = 2
     warm_start_epochs: int = 60  # server-side KD on the public split before round 1
+    warm_start_lr: float = 0.0  # Adam, cosine; 0 = model.teacher-lr (the teacher's recipe)
     round_timeout: float = 600.0  # never wait without bound for a reply
     # A round aggregates only if at least this fraction of the nodes it asked sent a valid
     # update; otherwise the global student stays as it was (one node is never enough
     # evidence to overwrite twenty's work).
     min_fraction: float = 0.5
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean:<beta>: robust to poisoning
+    # A server step over the average (FedAvgM, with fedavg only): w -= server-lr * v,
+    # v = server-momentum * v + (w - average). 1.0 / 0.0 is plain FedAvg.
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     # Reply bounds (edgekd.server.replies): a reply claiming more examples is rejected
     # (raise it for fleets with more local data), and each update's change is clipped to
     # this multiple of the round's median change (0 = off): one x1e6 node moves the
     # average like three honest ones, and no honest update of the default runs is clipped.
     max_examples: int = 1_000_000
     norm_bound: float = 3.0
+    # Label-preserving input augmentation for every training path that reads it (warm
+    # start, server-only KD, the centralised ceiling, torch nodes): "" (off) or items
+    # shift:<samples>, noise:<std>, scale:<fraction> (see edgekd.learn.augment).
+    augment: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,9 @@ class KDConfig:
     hint_weight: float = 0.0  # FitNets hint loss weight (0 = off); on-device torch only
     server_distill_epochs: int = 1  # FedDF-style KD on the public split after each round
     server_distill_lr: float = 1e-3  # Adam; a gentle step that keeps what clients learned
+    # all: distil every sample; correct: only where the teacher's top-1 is the label
+    # (torch paths; edgekd.learn.kd.class_balanced_kd_loss)
+    trust: str = "all"
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ class EdgeKDConfig:
         _check(t.lr > 0, "train.lr must be > 0")
         _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}")
         _check(t.batch_size >= 1, "train.batch-size must be >= 1")
+        _check(t.warm_start_lr >= 0, "train.warm-start-lr must be >= 0 (0: model.teacher-lr)")
         _check(t.clip_norm >= 0, "train.clip-norm must be >= 0 (0 disables clipping)")
         _check(0.0 < t.fraction_train <= 1.0, "train.fraction-train must be in (0, 1]")
         _check(0.0 <= t.fraction_evaluate <= 1.0, "train.fraction-evaluate must be in [0, 1]")
@@ -211,9 +224,17 @@ class EdgeKDConfig:
         _check(0.0 <= t.min_fraction <= 1.0, "train.min-fraction must be in [0, 1]")
         _check(not self.resume or bool(self.out_dir), "resume needs out-dir: the run to continue")
         parse_aggregation(t.aggregation)
+        _check(t.server_lr > 0, "train.server-lr must be > 0")
+        _check(0.0 <= t.server_momentum < 1.0, "train.server-momentum must be in [0, 1)")
+        _check(
+            (t.server_lr == 1.0 and t.server_momentum == 0.0) or t.aggregation == "fedavg",
+            "train.server-lr / train.server-momentum need train.aggregation = fedavg",
+        )
         parse_fault_plan(self.faults)
         _check(t.max_examples >= 1, "train.max-examples must be >= 1")
         _check(t.norm_bound >= 0, "train.norm-bound must be >= 0 (0 disables the bound)")
+        parse_augment(t.augment)
+        _check(self.kd.trust in KD_TRUST, f"kd.trust must be one of {KD_TRUST}")
         _check(k.temperature > 0, "kd.temperature must be > 0")
         _check(0.0 <= k.alpha <= 1.0, "kd.alpha must be in [0, 1]")
         _check(k.max_class_weight >= 1.0, "kd.max-class-weight must be >= 1")
@@ -330,6 +351,32 @@ def parse_partition(spec: str) -> tuple[str, float]:
         f"data.partition: unknown partition '{spec}' "
         "(use iid, dirichlet:<alpha> or pathological:<classes-per-client>)"
     )
+
+
+AUGMENT_KINDS = ("shift", "noise", "scale")
+KD_TRUST = ("all", "correct")
+
+
+def parse_augment(spec: str) -> dict[str, float]:
+    """``"shift:4,noise:0.1,scale:0.1"`` -> ``{"shift": 4.0, "noise": 0.1, "scale": 0.1}``;
+    ``""`` -> ``{}`` (off). ``shift`` is a whole number of samples (pixels for images),
+    ``noise`` a standard deviation, ``scale`` the half-width of the gain interval (< 1)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, arg = item.partition(":")
+        value = _number(arg)
+        ok = kind in AUGMENT_KINDS and kind not in out and math.isfinite(value) and value >= 0
+        if ok and kind == "shift":
+            ok = value == int(value)
+        if ok and kind == "scale":
+            ok = value < 1
+        if not ok:
+            raise ConfigError(
+                f"train.augment: cannot read '{item}' (use shift:<whole samples>, "
+                "noise:<std>, scale:<fraction below 1>, each once, comma-separated)"
+            )
+        out[kind] = value
+    return out
 
 
 def parse_aggregation(spec: str) -> tuple[str, float]:

@@ -269,3 +269,22 @@ def client_split(
     n_val = int(round(val_fraction * len(index))) if len(index) > 1 else 0
     local = data.pool.subset(index)
     return local.subset(np.arange(n_val, len(index))), local.subset(np.arange(n_val))
+
+
+def pooled_client_splits(
+    data: FederatedData, spec: str, num_partitions: int, seed: int, val_fraction: float
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Every client's (train, validation) share of the device pool, pooled: what the
+    nodes train on and the validation data no model trains on, as if it could leave the
+    devices (a simulation's centralised ceiling and its comparators' tuning split)."""
+    splits = [
+        client_split(data, spec, pid, num_partitions, seed, val_fraction)
+        for pid in range(num_partitions)
+    ]
+    train = ArrayDataset(
+        np.concatenate([t.x for t, _ in splits]), np.concatenate([t.y for t, _ in splits])
+    )
+    val = ArrayDataset(
+        np.concatenate([v.x for _, v in splits]), np.concatenate([v.y for _, v in splits])
+    )
+    return train, val

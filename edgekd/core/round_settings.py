@@ -66,6 +66,8 @@ def round_config(cfg: EdgeKDConfig, mode: str, teacher_hash: str) -> dict[str, S
         R.REFERENCE_BATCH: k.reference_batch,
         R.SOFT_TARGETS: k.soft_targets,
         R.TEACHER_HASH: teacher_hash,
+        R.AUGMENT: cfg.train.augment,
+        R.TRUST: k.trust,
     }
 
 
@@ -133,6 +135,8 @@ class RoundSettings:
     max_class_weight: float
     reference_batch: int
     seed: int
+    augment: str = ""  # train.augment (torch nodes)
+    trust: str = "all"  # kd.trust (torch nodes)
     device: str = "cpu"  # a Jetson node trains on "cuda" (its bundle's profile)
     fp16: bool = False  # with float16 autocast there
 
@@ -173,6 +177,8 @@ class RoundSettings:
             class_weighting=bool(config_scalar(config, R.CLASS_WEIGHTING)),
             max_class_weight=float(config_scalar(config, R.MAX_CLASS_WEIGHT)),
             reference_batch=int(config.get(R.REFERENCE_BATCH, batch)),
+            augment=str(config_scalar(config, R.AUGMENT, "")),
+            trust=str(config_scalar(config, R.TRUST, "all")),
             seed=round_seed(
                 int(config_scalar(config, R.SEED)), int(config_scalar(config, R.ROUND)), pid
             ),

@@ -71,6 +71,7 @@ def class_balanced_kd_loss(
     alpha: float,
     sample_weights: Tensor | None = None,
     weight_ce: bool = False,
+    trust_correct: bool = False,
 ) -> Tensor:
     """Hinton distillation loss with optional per-sample (e.g. class-balancing) weights.
 
@@ -104,6 +105,16 @@ def class_balanced_kd_loss(
         alpha: Weight of the hard-label CE term, in ``[0, 1]``.
         sample_weights: Optional non-negative weights ``w``, shape ``[B]``.
         weight_ce: Also multiply the per-sample CE term by ``w``.
+        trust_correct: Distil only where the teacher is right: a sample whose teacher
+            top-1 is not its label gets ``alpha_i = 1`` (CE only), the others ``alpha``::
+
+                L = 1/B * sum_i [a_i * v_i * CE_i + (1 - a_i) * tau^2 * w_i * KL_i],
+                a_i = alpha if argmax p_t,i = y_i else 1.
+
+            The device's label overrules a teacher that is wrong on its domain; the
+            masking variant of Wen et al.'s knowledge adjustment ("Preparing Lessons:
+            Improve Knowledge Distillation with Better Supervision", Neurocomputing
+            2021). With every sample right it is the loss above.
 
     Returns:
         Scalar loss tensor.
@@ -135,6 +146,10 @@ def class_balanced_kd_loss(
         if weight_ce:
             ce = ce * w
 
+    if trust_correct:
+        right = teacher_probs.argmax(dim=1) == labels
+        a = torch.where(right, alpha, 1.0).to(kl.dtype)
+        return (a * ce).mean() + temperature**2 * ((1.0 - a) * kl).mean()
     return alpha * ce.mean() + (1.0 - alpha) * temperature**2 * kl.mean()
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgekd.core.errors import EdgeKDError
+from edgekd.learn.augment import Augment
 from edgekd.learn.kd import (
     HintLoss,
     class_balanced_kd_loss,
@@ -63,6 +64,8 @@ class KDSettings:
     hint_weight: float = 0.0
     device: str = "cpu"  # "cuda" on a Jetson node (its bundle's profile)
     fp16: bool = False  # autocast to float16 with a gradient scaler (CUDA only)
+    augment: Augment | None = None  # per-batch input augmentation (train.augment)
+    trust_correct: bool = False  # kd.trust = "correct": no KD where the teacher is wrong
 
 
 def kd_train(
@@ -105,6 +108,21 @@ def _placed_on(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to("cpu")
 
 
+def _optimizer(
+    params: list[nn.Parameter], settings: KDSettings, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam (or SGD with momentum 0.9) at ``settings.lr``, cosine-decayed over
+    ``total_steps`` when ``settings.cosine``."""
+    opt: torch.optim.Optimizer
+    if settings.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(params, lr=settings.lr)
+    if not settings.cosine:
+        return opt, None
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+
+
 def _kd_train(
     student: nn.Module,
     x: np.ndarray,
@@ -134,18 +152,10 @@ def _kd_train(
     if settings.hint_weight > 0 and teacher is not None:
         hint = _make_hint(student, teacher, xt[:2])
         params += list(hint.parameters())
-    opt: torch.optim.Optimizer
-    if settings.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(params, lr=settings.lr)
-    steps_per_epoch = math.ceil(len(y) / settings.batch_size)
-    total = settings.epochs * steps_per_epoch
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
-        if settings.cosine
-        else None
-    )
+    total = settings.epochs * math.ceil(len(y) / settings.batch_size)
+    opt, sched = _optimizer(params, settings, total)
+    # Its own generator: a run without augmentation draws what it always drew.
+    aug_gen = torch.Generator().manual_seed(seed + 7919)
     student.train()
     last = 0.0
     for _ in range(settings.epochs):
@@ -153,7 +163,14 @@ def _kd_train(
         running, count = 0.0, 0
         for start in range(0, len(y), settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            xb, yb = xt[idx].to(device), yt[idx].to(device)
+            xb, yb = xt[idx], yt[idx].to(device)
+            pb = None if pt is None else pt[idx]
+            if settings.augment is not None:
+                xb = settings.augment(xb, aug_gen)
+                if pb is not None and teacher is not None:  # soft targets of the new view
+                    with torch.no_grad():
+                        pb = soft_targets(teacher(xb), settings.temperature)
+            xb = xb.to(device)
             wb = None if weights is None else weights[idx].to(device)
             with (
                 torch.autocast(device.type, dtype=torch.float16, enabled=fp16),
@@ -161,17 +178,18 @@ def _kd_train(
             ):
                 logits = student(xb)
             logits = logits.float()  # the loss in float32 whatever the forward ran in
-            if pt is None:
+            if pb is None:
                 loss = nn.functional.cross_entropy(logits, yb, reduction="none")
                 loss = (loss * wb).mean() if wb is not None else loss.mean()
             else:
                 loss = class_balanced_kd_loss(
                     logits,
-                    pt[idx].to(device),
+                    pb.to(device),
                     yb,
                     temperature=settings.temperature,
                     alpha=settings.alpha,
                     sample_weights=wb,
+                    trust_correct=settings.trust_correct,
                 )
             if hint is not None and teacher is not None:
                 with torch.no_grad(), capture_features(teacher) as tfeats:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, Result
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, Result
 from torch import nn
 
 from edgekd.core import records as R
@@ -86,13 +86,21 @@ class CheckpointPlan:
     extra: dict[str, Any] = field(default_factory=dict)  # saved as is (e.g. the structure)
 
 
-def robust_aggregator(spec: str) -> FedAvg | None:
-    """Flower's FedMedian or FedTrimmedAvg for ``train.aggregation``; None for FedAvg."""
+def robust_aggregator(
+    spec: str, server_lr: float = 1.0, server_momentum: float = 0.0
+) -> FedAvg | None:
+    """Flower's FedMedian or FedTrimmedAvg for ``train.aggregation``; for FedAvg, Flower's
+    FedAvgM when ``train.server-lr`` or ``train.server-momentum`` asks for a server
+    step (Hsu et al., "Measuring the Effects of Non-Identical Data Distribution for
+    Federated Visual Classification", 2019: ``v = μ·v + Δ``, ``w = w − η·v`` with ``Δ``
+    the round's average change); None for plain FedAvg."""
     kind, beta = parse_aggregation(spec)
     if kind == "median":
         return FedMedian()
     if kind == "trimmed-mean":
         return TrimmedMean(beta=beta)
+    if server_lr != 1.0 or server_momentum != 0.0:
+        return FedAvgM(server_learning_rate=server_lr, server_momentum=server_momentum)
     return None
 
 
@@ -193,7 +201,7 @@ def make_strategy(
             entropy=cfg.compression.entropy,
             quantizer_for=schedule.qat_for,
         ),
-        aggregator=robust_aggregator(t.aggregation),
+        aggregator=robust_aggregator(t.aggregation, t.server_lr, t.server_momentum),
         node_wait=t.round_timeout,
         min_fraction=t.min_fraction,
         max_examples=t.max_examples,

@@ -49,10 +49,10 @@ from edgekd.server.checkpoint import (
     load_run_checkpoint,
     state_sha256,
 )
+from edgekd.server.comparators import baselines
 from edgekd.server.federation import CheckpointPlan, report_accuracy, run_federation
 from edgekd.server.outputs import (
     fidelity_summaries,
-    model_block,
     run_report,
     write_exports,
 )
@@ -217,6 +217,7 @@ def student_start(
             cfg,
             epochs=cfg.train.warm_start_epochs,
             seed=cfg.seed,
+            lr=cfg.train.warm_start_lr or None,
             teacher=teacher.model,
         )
     pruner = None
@@ -269,45 +270,3 @@ def prune_in_warm_start(
             f"(step {step}/{WARM_PRUNE_STEPS}), {WARM_PRUNE_EPOCHS} epochs of KD"
         )
     return pruner
-
-
-def baselines(
-    grid: Grid,
-    cfg: EdgeKDConfig,
-    data: FederatedData,
-    spec: ModelSpec,
-    teacher: TeacherPhase,
-    start: StudentStart,
-    report: dict[str, Any],
-    show_progress: bool,
-) -> list[dict[str, Any]]:
-    """``--baseline``: server-only KD with the same epoch budget, and FedAvg without a
-    teacher from the same random student; adds both to ``report``, returns FedAvg's rounds."""
-    server_only = copy.deepcopy(start.init)
-    budget = cfg.train.warm_start_epochs + cfg.train.num_rounds * cfg.train.local_epochs
-    distill_on_public(
-        server_only,
-        teacher.public_probs,
-        data,
-        cfg,
-        epochs=budget,
-        seed=cfg.seed,
-        teacher=teacher.model,
-    )
-    report["server_only"] = {**model_block(server_only, data, teacher), "epochs": budget}
-    baseline, baseline_rounds, _ = run_federation(
-        grid,
-        cfg,
-        data,
-        spec,
-        start.random_init,
-        mode="ce",
-        teacher=None,
-        teacher_onnx=teacher.onnx,
-        public_probs=teacher.public_probs,
-        label="fedavg baseline",
-        show_progress=show_progress,
-    )
-    report["baseline"] = model_block(baseline, data, teacher)
-    report["baseline_rounds"] = baseline_rounds
-    return baseline_rounds

@@ -37,7 +37,7 @@ from typing import cast
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Result
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedTrimmedAvg, Result
 
 from edgekd.core import records as R
 from edgekd.server.ledger import RoundLedger
@@ -358,6 +358,12 @@ class EdgeKDStrategy(FedAvg):
         # in whatever order the nodes finished: sorting by content makes the average
         # (and so a whole simulation) bit-reproducible.
         messages.sort(key=_reply_digest)
+        if isinstance(self.aggregator, FedAvgM):
+            # Its pseudo-gradient is taken against the global student of this round (the
+            # FP32 master), not the one it last returned: the server step after averaging
+            # and the pruner change the student in between.
+            base = wire.master if wire.master is not None else wire.sent
+            self.aggregator.current_arrays = state_to_record(base)
         aggregate = (
             self.aggregator.aggregate_train
             if self.aggregator is not None

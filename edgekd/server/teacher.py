@@ -11,6 +11,7 @@ from torch import nn
 
 from edgekd.core.config import EdgeKDConfig
 from edgekd.core.data import FederatedData
+from edgekd.learn.augment import Augment
 from edgekd.learn.models import ModelSpec, build_model, load_checkpoint
 from edgekd.learn.training import KDSettings, kd_train, teacher_probs_for
 
@@ -54,9 +55,13 @@ def distill_on_public(
     seed: int,
     lr: float | None = None,
     teacher: nn.Module | None = None,
+    augment: str | None = None,
+    cosine: bool = True,
 ) -> dict[str, float]:
     """KD of ``student`` toward the teacher's soft targets on the public split; with
-    ``kd.hint-weight > 0`` and the torch ``teacher``, plus a FitNets hint term."""
+    ``kd.hint-weight > 0`` and the torch ``teacher``, plus a FitNets hint term.
+    ``lr`` defaults to ``model.teacher-lr``, ``augment`` to ``train.augment`` (with the
+    torch ``teacher``, the soft targets of each augmented view are the teacher's own)."""
     settings = KDSettings(
         epochs=epochs,
         lr=lr if lr is not None else cfg.model.teacher_lr,
@@ -64,8 +69,10 @@ def distill_on_public(
         temperature=cfg.kd.temperature,
         alpha=cfg.kd.alpha,
         clip_norm=cfg.train.clip_norm,
-        cosine=True,
+        cosine=cosine,
         hint_weight=cfg.kd.hint_weight,
+        augment=Augment.from_spec(cfg.train.augment if augment is None else augment),
+        trust_correct=cfg.kd.trust == "correct",
     )
     return kd_train(
         student,

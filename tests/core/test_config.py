@@ -94,3 +94,17 @@ def test_parse_aggregation(spec: str, expected: tuple[str, float]) -> None:
 def test_bad_aggregation_names_the_key(spec: str) -> None:
     with pytest.raises(ConfigError, match="train.aggregation"):
         EdgeKDConfig().with_overrides({"train.aggregation": spec})
+
+
+def test_every_shipped_recipe_loads_and_validates() -> None:
+    # configs/*.toml are documented recipes; a renamed or mistyped key must fail here
+    from edgekd.cli.preflight import build_config
+
+    recipes = sorted((ROOT / "configs").glob("*.toml"))
+    assert recipes, "configs/ holds the documented recipes"
+    for path in recipes:
+        cfg = build_config(str(path), None, {})
+        cfg.validate()
+        assert cfg != EdgeKDConfig(), f"{path.name} changes nothing"
+    adapted = build_config(str(ROOT / "configs" / "device-adapted.toml"), None, {})
+    assert adapted.kd.trust == "correct" and adapted.train.server_momentum == 0.5

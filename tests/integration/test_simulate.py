@@ -47,7 +47,7 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
     # Assert
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    for block in ("teacher", "student", "baseline", "server_only"):
+    for block in ("teacher", "student", "baseline", "server_only", "ceiling", "fedavg_warm"):
         for key in (
             "accuracy",
             "params",
@@ -60,6 +60,10 @@ def test_simulate_writes_the_report_and_learns(tmp_path: Path) -> None:
         ):
             assert key in report[block], (block, key)
     assert "agreement" in report["student"]
+    # The tuned comparators say what they chose, on which split, and the gap is computed.
+    assert len(report["server_only"]["candidates"]) == 4
+    assert report["server_only"]["chosen"]["lr"] in (0.003, 0.01)
+    assert "gap_closed" in report
     # The INT8 export is scored against the FP32 student, with where it was measured.
     int8 = report["student_int8"]
     assert int8["parity"]["samples"] == report["dataset"]["test"]

@@ -15,6 +15,7 @@ from edgekd.learn.kd import (
     class_balanced_kd_loss,
     gradient_norm_balance,
     inverse_frequency_class_weights,
+    per_sample_kl,
     sample_weights_for,
     soft_targets,
     temperature_for_batch,
@@ -368,3 +369,30 @@ def test_gradient_norm_balance_zero_and_unused_gradients() -> None:
     assert gradient_norm_balance(zero_loss, zero_loss, feature) == 0.5
     assert gradient_norm_balance(ce_loss, unrelated, feature) == 1.0
     assert gradient_norm_balance(unrelated, ce_loss, feature) == 0.0
+
+
+def test_trust_correct_distils_only_where_the_teacher_is_right() -> None:
+    # Prepare: sample 0 the teacher gets right (top-1 = label 0), sample 1 wrong
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]])
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([0, 2])
+    tau, alpha = 2.0, 0.3
+    # Execute
+    loss = class_balanced_kd_loss(
+        logits, teacher, labels, temperature=tau, alpha=alpha, trust_correct=True
+    )
+    # Assert: sample 0 is the Hinton mix, sample 1 plain CE
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    kl = per_sample_kl(logits, teacher, tau)
+    expected = ((alpha * ce[0] + (1 - alpha) * tau**2 * kl[0]) + ce[1]) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    plain = class_balanced_kd_loss(logits, teacher, labels, temperature=tau, alpha=alpha)
+    assert plain.item() != pytest.approx(loss.item(), rel=1e-3)
+    # a teacher right on every sample gives the ordinary loss
+    right = torch.tensor([0, 0])
+    assert class_balanced_kd_loss(
+        logits, teacher, right, temperature=tau, alpha=alpha, trust_correct=True
+    ).item() == pytest.approx(
+        class_balanced_kd_loss(logits, teacher, right, temperature=tau, alpha=alpha).item(),
+        rel=1e-6,
+    )

@@ -537,3 +537,26 @@ def test_the_average_does_not_depend_on_the_order_replies_arrive_in() -> None:
     # Assert: bit for bit
     for name in REFERENCE:
         assert averages[0][name].tobytes() == averages[1][name].tobytes()
+
+
+def test_server_momentum_steps_against_the_round_s_own_global() -> None:
+    # Prepare: every node moves every weight by +1 from what it was sent; a server step
+    # of lr 1, momentum 0.5 (FedAvgM) makes the global move 1, 1.5, 1.75 ...
+    from edgekd.server.federation import robust_aggregator
+
+    aggregator = robust_aggregator("fedavg", server_lr=1.0, server_momentum=0.5)
+    seen: list[float] = []
+
+    def post(server_round: int, arrays: ArrayRecord, masks: object) -> ArrayRecord:
+        seen.append(float(record_to_state(arrays)["w"][0, 0]))
+        state = record_to_state(arrays)
+        return state_to_record({k: v - 0.25 for k, v in state.items()})  # a server step after
+
+    strategy = _strategy(aggregator=aggregator, post_aggregate=post)
+    grid = FakeGrid([1, 2], _node(lambda s: {k: v + 1.0 for k, v in s.items()}))
+    # Execute
+    strategy.start(grid, state_to_record(REFERENCE), num_rounds=3, train_config=ConfigRecord())
+    # Assert: each round's move is taken from the global after the previous post step
+    # (v1 = 1, v2 = 1.5, v3 = 1.75), never from FedAvgM's own last average
+    assert seen == pytest.approx([1.0, 0.75 + 1.5, 0.75 + 1.5 - 0.25 + 1.75])
+    assert robust_aggregator("fedavg") is None
