@@ -126,7 +126,9 @@ def test_a_node_killed_in_flight_is_missing_and_tls_refuses_strangers(
     assert fleet.wait(server, timeout=400) == 0, fleet.logs()
     first, second = fleet.report(tmp_path / "run")["rounds"][1:]
     assert (first["messages"], first["replies"], first["missing"]) == (4, 4, 0), first
-    assert (second["messages"], second["replies"]) == (4, 3), second
+    # The dead node's reply is either missing at the round timeout or an error reply
+    # from the SuperLink once it has noticed the node is gone, whichever comes first.
+    assert (second["messages"], second["replies"] - second["failures"]) == (4, 3), second
     assert second["missing"] + second["failures"] == 1 and second["skipped"] == 0, second
     # Four messages a round: neither stranger was ever a node of this SuperLink.
     for stranger in (wrong_ca, insecure):
