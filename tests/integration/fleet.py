@@ -50,10 +50,22 @@ RUN_SETTINGS = [
 ]
 
 
+# Ports below Linux's ephemeral range (32768-60999): a port the OS picked, released and
+# then handed to a process's outgoing connection was taken before a SuperNode bound it
+# ("address already in use" in CI). Each one is handed out once per test process.
+_NEXT_PORT = [20_000 + (os.getpid() % 500) * 20]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        port = _NEXT_PORT[0]
+        _NEXT_PORT[0] += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def _tail(path: Path, lines: int = 40) -> str:
