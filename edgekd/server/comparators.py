@@ -8,8 +8,9 @@ tuning on data no model trains on and that is not the devices' test split.
   comparator over a server that could not see it;
 * **centralised ceiling**: the warm-started student trained with the clients' KD loss
   on the pooled device training data, as if it could leave the devices, for the
-  federation's local epochs (``rounds x local-epochs``), augmentation on or off by the
-  same validation split;
+  federation's local epochs (``rounds x local-epochs``) under a cosine schedule (a
+  centralised run's own schedule, like server-only's; a constant rate left it below
+  server-only on some seeds), augmentation on or off by the same validation split;
 * **FedAvg from scratch** and **FedAvg from the warm start** (no teacher in the
   rounds) are federations of their own (`edgekd.server.pipeline.baselines`).
 
@@ -128,7 +129,7 @@ def centralised_ceiling(
 ) -> Tuned:
     """The clients' KD (their lr, batch, α, τ, class weights, clipping) on the pooled
     device training data ``train``, from the warm start, for ``rounds x local-epochs``
-    epochs; augmentation on or off by ``val``."""
+    epochs under a cosine schedule; augmentation on or off by ``val``."""
     return best_on(val, _ceiling_runs(cfg, data, warm, teacher, train))
 
 
@@ -153,6 +154,7 @@ def _ceiling_runs(
             max_class_weight=k.max_class_weight,
             clip_norm=t.clip_norm,
             optimizer=t.optimizer,
+            cosine=True,
             augment=Augment.from_spec(augment),
             trust_correct=k.trust == "correct",
         )
@@ -166,7 +168,8 @@ def _ceiling_runs(
             seed=cfg.seed,
             teacher=teacher,
         )
-        yield {"lr": t.lr, "augment": augment, "epochs": settings.epochs}, model
+        chosen = {"lr": t.lr, "augment": augment, "epochs": settings.epochs, "schedule": "cosine"}
+        yield chosen, model
 
 
 def gap_closed(federated: float, server_only: float, ceiling: float) -> float | None:

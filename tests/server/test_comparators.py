@@ -72,4 +72,5 @@ def test_comparators_pick_their_best_validation_candidate(
         assert tuned.chosen.items() <= best.items()
         assert real_accuracy(tuned.model, val) == best["val_accuracy"]
     assert ceiling.chosen["epochs"] == cfg.train.num_rounds * cfg.train.local_epochs
+    assert ceiling.chosen["schedule"] == "cosine"
     assert accuracy(ceiling.model, data.test) > 0.2  # it learned something
