@@ -89,12 +89,14 @@ class Screen:
         self.val = _pool([val for _, val in splits])
         shape, classes = self.data.input_shape, self.data.num_classes
         self.student_spec = spec_for(shape, classes, cfg.model.student_width)
-        self.teacher = obtain_teacher(cfg, self.data, spec_for(shape, classes, 64))
+        self.teacher = obtain_teacher(
+            cfg, self.data, spec_for(shape, classes, cfg.model.teacher_width)
+        )
         self.augment = Augment.from_spec(DEFAULT_AUGMENT)
         self.warm = build_model(self.student_spec)
         probs = teacher_probs_for(self.teacher, self.data.public.x, 4.0)
         warm = self.settings({"alpha": "0", "trust": "0", "class-weighting": "0"}, 60, 0.01)
-        self._fit(self.warm, self.data.public, probs, replace_cosine(warm, True), seed)
+        self._fit(self.warm, self.data.public, probs, replace(warm, cosine=True), seed)
         self.history: list[State] = []
 
     def settings(self, opts: dict[str, str], epochs: int, lr: float) -> KDSettings:
@@ -175,7 +177,7 @@ class Screen:
         model = copy.deepcopy(self.warm)
         if o["central"] == "1":
             probs = teacher_probs_for(teacher, self.train.x, 4.0)
-            s = replace_cosine(self.settings(opts, rounds * epochs, lr), True)
+            s = replace(self.settings(opts, rounds * epochs, lr), cosine=True)
             self._fit(model, self.train, probs, s, self.seed)
             self._show(variant, model, start)
             return
@@ -197,10 +199,6 @@ class Screen:
 
     def _show(self, variant: str, model: nn.Module, start: float) -> None:
         print(f"  [{variant}] {self._scores(model)} ({time.perf_counter() - start:.0f} s)")
-
-
-def replace_cosine(settings: KDSettings, cosine: bool) -> KDSettings:
-    return replace(settings, cosine=cosine)
 
 
 def _pool(splits: list[ArrayDataset]) -> ArrayDataset:
