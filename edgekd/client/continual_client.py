@@ -84,6 +84,9 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
         class_weighting=settings.class_weighting,
         max_class_weight=settings.max_class_weight,
         clip_norm=settings.clip_norm,
+        active_classes=(
+            stream.classes_up_to(task_id) if bool(config.get(R.CL_MASK_UNSEEN, True)) else None
+        ),
     )
     save_state(context, regularizer, run, task_id)
     new_state = model_state(model)

@@ -11,7 +11,7 @@ adapter reuses :func:`train_task` and the regularizers' ``state_dict``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ def train_task(
     class_weighting: bool = False,
     max_class_weight: float = 5.0,
     clip_norm: float = 2.0,
+    active_classes: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on one task's data ``(x, y)``.
 
@@ -56,6 +57,17 @@ def train_task(
     get weight 1), else 1. The penalty sees only the current batch. With
     ``TeacherKD(weight=1 - alpha, temperature=tau)`` and no class weights this is exactly
     the Hinton KD loss of `edgekd.learn.kd.class_balanced_kd_loss`.
+
+    With ``active_classes`` the cross-entropy is a softmax over those classes only: the
+    logits of every other class are masked out of it (Avalanche's ``IncrementalClassifier``
+    with ``masking=True`` masks the units of classes not seen yet the same way). Pass the
+    classes seen so far: without the mask, each task trains the head rows of classes that
+    have not arrived to score low on every feature, and when such a class arrives the
+    cheapest way to raise its logit is to switch the shared ReLU features off, which
+    leaves nothing to tell its classes apart (measured: without it, a federated naive run
+    lost 88 % of its features at the third task and learned it to 0.50, one class of two).
+    The regularizers' penalties are not masked: a teacher or an old model may speak for
+    any class.
 
     Adam, gradient-norm clipping at ``clip_norm`` and a seeded shuffling generator, as in
     `edgekd.learn.training.kd_train`: the same model, data and seed give the same weights.
@@ -74,6 +86,9 @@ def train_task(
         class_weighting: Inverse-frequency weighting of the CE term.
         max_class_weight: Bound on a class weight (see the kd function).
         clip_norm: Gradient-norm clip; ``<= 0`` disables it.
+        active_classes: The classes the CE term may score (the classes seen so far);
+            None scores all of them. Must include every label of ``y`` and of the replay
+            samples.
 
     Returns:
         ``loss`` and ``penalty``: means over the samples of the last epoch; ``steps``.
@@ -82,10 +97,15 @@ def train_task(
         DivergenceError: When a loss turns non-finite.
     """
     _check_task_inputs(y, regularizer, teacher_probs, alpha)
+    if active_classes is not None and not set(np.unique(y).tolist()) <= set(active_classes):
+        raise ValueError(
+            f"labels {sorted(set(np.unique(y).tolist()) - set(active_classes))} "
+            f"are not among the active classes {sorted(active_classes)}"
+        )
     if len(y) == 0:
         return {"loss": 0.0, "penalty": 0.0, "steps": 0.0}
     gen = torch.Generator().manual_seed(seed)
-    data = _task_tensors(x, y, teacher_probs, class_weighting, max_class_weight)
+    data = _task_tensors(x, y, teacher_probs, class_weighting, max_class_weight, active_classes)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
@@ -112,12 +132,14 @@ def train_task(
 @dataclass(frozen=True)
 class _TaskTensors:
     """One task's training data as tensors: inputs, labels, the teacher's probabilities
-    (if given) and per-sample class weights (if class weighting is on)."""
+    (if given), per-sample class weights (if class weighting is on) and the sorted classes
+    the CE term scores (None: all)."""
 
     x: torch.Tensor
     y: torch.Tensor
     teacher_probs: torch.Tensor | None
     weights: torch.Tensor | None
+    active: torch.Tensor | None = None
 
 
 def _check_task_inputs(
@@ -142,6 +164,7 @@ def _task_tensors(
     teacher_probs: np.ndarray | None,
     class_weighting: bool,
     max_class_weight: float,
+    active_classes: Sequence[int] | None = None,
 ) -> _TaskTensors:
     """Wrap the task's arrays as tensors (sharing memory) and, with ``class_weighting``,
     give each sample its class's inverse-frequency weight."""
@@ -158,6 +181,11 @@ def _task_tensors(
         y=yt,
         teacher_probs=torch.from_numpy(teacher_probs) if teacher_probs is not None else None,
         weights=weights,
+        active=(
+            torch.tensor(sorted(set(active_classes)), dtype=torch.long)
+            if active_classes is not None
+            else None
+        ),
     )
 
 
@@ -216,7 +244,7 @@ def _batch_loss(
     else:
         x_in, y_in = xb, yb
     logits = model(x_in)
-    ce = F.cross_entropy(logits, y_in, reduction="none")
+    ce = _masked_cross_entropy(logits, y_in, data.active)
     task_loss = (ce * wb).mean() if wb is not None else ce.mean()
     pt = data.teacher_probs
     penalty = regularizer.penalty(
@@ -225,15 +253,43 @@ def _batch_loss(
     return alpha * task_loss + penalty, penalty
 
 
-def evaluate_stream(model: nn.Module, stream: TaskStream) -> np.ndarray:
-    """Top-1 accuracy on each task's test set, argmax over *all* classes (one shared head,
-    so class-incremental tasks are scored without being told the task); NaN for an empty
-    test set."""
+def _masked_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-sample CE of ``logits`` against ``y``, the softmax taken over the ``active``
+    classes only (all when None); ``active`` is sorted and holds every label of ``y``."""
+    if active is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    if not bool(torch.isin(y, active).all()):
+        missing = sorted(set(y.tolist()) - set(active.tolist()))
+        raise ValueError(f"labels {missing} are not among the active classes")
+    return F.cross_entropy(
+        logits.index_select(1, active), torch.searchsorted(active, y), reduction="none"
+    )
+
+
+def evaluate_stream(
+    model: nn.Module, stream: TaskStream, active_classes: Sequence[int] | None = None
+) -> np.ndarray:
+    """Top-1 accuracy on each task's test set; NaN for an empty test set.
+
+    The argmax runs over one shared head, so class-incremental tasks are scored without
+    being told the task: over *all* classes, or over ``active_classes`` (the classes seen
+    so far) when given, as Avalanche's masked ``IncrementalClassifier`` predicts. A head
+    row that has never been trained holds its random start, and as the features grow it
+    can outscore the trained rows, so a learner that masks its loss must mask its
+    predictions too. After the last task every class is active and nothing is masked.
+    """
     acc = np.full(len(stream), np.nan)
+    inactive = None
+    if active_classes is not None:
+        inactive = np.setdiff1d(np.arange(stream.num_classes), np.asarray(active_classes))
     for t, task in enumerate(stream):
         if len(task.y_test):
-            pred = predict_logits(model, task.x_test).argmax(axis=1)
-            acc[t] = float((pred == task.y_test).mean())
+            logits = predict_logits(model, task.x_test)
+            if inactive is not None:
+                logits[:, inactive] = -np.inf
+            acc[t] = float((logits.argmax(axis=1) == task.y_test).mean())
     return acc
 
 
@@ -250,6 +306,7 @@ def run_sequential(
     alpha: float = 1.0,
     class_weighting: bool = False,
     regularizer_kwargs: dict[str, Any] | None = None,
+    mask_unseen: bool = True,
 ) -> dict[str, Any]:
     """Train one model on the tasks of ``stream`` in order, without federation.
 
@@ -268,6 +325,8 @@ def run_sequential(
         epochs, lr, batch_size, alpha, class_weighting: Passed to :func:`train_task`.
         seed: Seeds the model initialisation and each task's batch order.
         regularizer_kwargs: Keyword arguments for `make_regularizer`.
+        mask_unseen: Give :func:`train_task` the classes seen so far as
+            ``active_classes`` (see there).
 
     Returns:
         :func:`~edgekd.continual.metrics.summarize` of ``R`` and ``b`` plus ``method``,
@@ -280,7 +339,7 @@ def run_sequential(
         raise ValueError(f"method '{regularizer.name}' needs a teacher_probs_fn")
     seed_everything(seed)
     model = model_factory()
-    baseline = evaluate_stream(model, stream)
+    baseline = evaluate_stream(model, stream, _active(stream, 0, mask_unseen))
     rows = []
     train_logs = []
     for task in stream:
@@ -300,10 +359,11 @@ def run_sequential(
                 seed=task_seed,
                 alpha=alpha,
                 class_weighting=class_weighting,
+                active_classes=_active(stream, task.id, mask_unseen),
             )
         )
         regularizer.after_task(model, task, task.x_train, task.y_train)
-        rows.append(evaluate_stream(model, stream))
+        rows.append(evaluate_stream(model, stream, _active(stream, task.id, mask_unseen)))
     return {
         **summarize(np.stack(rows), baseline),
         "method": regularizer.name,
@@ -312,6 +372,11 @@ def run_sequential(
         "train": train_logs,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+def _active(stream: TaskStream, task_id: int, mask_unseen: bool) -> tuple[int, ...] | None:
+    """The classes seen by the end of task ``task_id`` with ``mask_unseen``, else None."""
+    return stream.classes_up_to(task_id) if mask_unseen else None
 
 
 def _regularizer_for(

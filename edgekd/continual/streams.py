@@ -96,6 +96,13 @@ class TaskStream:
     def __getitem__(self, index: int) -> Task:
         return self.tasks[index]
 
+    def classes_up_to(self, task_id: int) -> tuple[int, ...]:
+        """The classes of tasks ``0..task_id``, sorted: what a learner has seen by the end
+        of task ``task_id``."""
+        if not 0 <= task_id < len(self.tasks):
+            raise ValueError(f"task {task_id} outside the stream's {len(self.tasks)} tasks")
+        return tuple(sorted({c for task in self.tasks[: task_id + 1] for c in task.classes}))
+
 
 def class_incremental_stream(
     x: np.ndarray,

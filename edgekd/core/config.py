@@ -141,6 +141,9 @@ class ContinualConfig:
     ewc_weight: float = 100.0  # EWC's lambda: its penalty lives on another scale than KD's
     proxy_size: int = 1000  # public samples shipped once per node with teacher probabilities
     buffer_size: int = 200  # replay: reservoir samples each node keeps on its own disk
+    # Every method's CE scores only the classes seen so far (Avalanche's masking): off,
+    # the future classes' head rows learn to score low and their arrival kills the ReLUs.
+    mask_unseen: bool = True
 
 
 @dataclass(frozen=True)

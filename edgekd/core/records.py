@@ -53,6 +53,7 @@ CL_WEIGHT = "continual.weight"
 CL_TEMPERATURE = "continual.temperature"
 CL_EWC_WEIGHT = "continual.ewc-weight"
 CL_BUFFER_SIZE = "continual.buffer-size"
+CL_MASK_UNSEEN = "continual.mask-unseen"  # CE over the classes seen so far only
 CL_PROXY_HASH = "continual.proxy-hash"  # sha256 of the proxy record, cached per node
 
 # MetricRecord entries (client → server)

@@ -169,7 +169,9 @@ class ContinualStrategy(EdgeKDStrategy):
 class StreamTracker:
     """Server-side evaluation after every round (Flower's ``evaluate_fn``): the global
     student's accuracy on every task's test set, the rows of ``R`` at task ends, ``b`` at
-    round 0, and a progress bar."""
+    round 0, and a progress bar. With ``mask_unseen`` the student predicts among the classes
+    seen by the round's task only (task 0's at round 0), as it trains
+    (`edgekd.continual.learner.evaluate_stream`)."""
 
     def __init__(
         self,
@@ -179,8 +181,10 @@ class StreamTracker:
         *,
         label: str = "",
         show: bool = False,
+        mask_unseen: bool = False,
     ) -> None:
         self.spec, self.stream, self.schedule = spec, stream, schedule
+        self.mask_unseen = mask_unseen
         self.per_round: dict[int, np.ndarray] = {}
         self.seconds: dict[int, float] = {}
         self._last = time.perf_counter()
@@ -191,12 +195,15 @@ class StreamTracker:
             self._bar = tqdm(total=schedule.num_rounds, desc=label, unit="round", leave=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        acc = evaluate_stream(eval_student(self.spec, record_to_state(arrays)), self.stream)
+        task = self.schedule.task_of(server_round) if server_round > 0 else 0
+        active = self.stream.classes_up_to(task) if self.mask_unseen else None
+        student = eval_student(self.spec, record_to_state(arrays))
+        acc = evaluate_stream(student, self.stream, active)
         self.per_round[server_round] = acc
         now = time.perf_counter()
         self.seconds[server_round] = now - self._last
         self._last = now
-        seen = self.schedule.task_of(server_round) + 1 if server_round > 0 else 1
+        seen = task + 1
         mean_seen = float(np.nanmean(acc[:seen]))
         if self._bar is not None and server_round > 0:
             self._bar.set_postfix(task=seen - 1, acc_seen=f"{mean_seen:.3f}")

@@ -113,7 +113,9 @@ def run_method(
         min_evaluate_nodes=0,
         min_available_nodes=t.min_nodes,
     )
-    tracker = StreamTracker(spec, stream, schedule, label=method, show=show_progress)
+    tracker = StreamTracker(
+        spec, stream, schedule, label=method, show=show_progress, mask_unseen=cl.mask_unseen
+    )
     try:
         result = strategy.start(
             grid=grid,

@@ -148,3 +148,35 @@ def test_continual_package_never_imports_flwr() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_masked_ce_leaves_the_head_rows_of_unseen_classes_untouched() -> None:
+    """With active classes {0, 1} the CE never reaches the other rows of the head (their
+    weights stay at the random start), while without the mask every row moves."""
+    masked, free = _model(), _model()
+    start = masked.head.weight.detach().clone()
+    _train(masked, NaiveFineTuning(), active_classes=(0, 1))
+    _train(free, NaiveFineTuning())
+    assert torch.equal(masked.head.weight[2:], start[2:])
+    assert not torch.equal(masked.head.weight[:2], start[:2])
+    assert (free.head.weight[2:] - start[2:]).abs().max() > 1e-3
+
+
+def test_train_task_refuses_labels_outside_the_active_classes() -> None:
+    with pytest.raises(ValueError, match=r"labels \[1\] are not among the active classes"):
+        _train(_model(), NaiveFineTuning(), active_classes=(0,))
+
+
+def test_evaluate_stream_predicts_among_the_active_classes_only() -> None:
+    """A head that scores class 9 highest everywhere gets 0 unmasked, and with classes {0, 1}
+    active it predicts among them, as its second-best rows say."""
+    stream = make_stream("class-incremental", num_tasks=5, seed=0, num_samples=400)
+    model = _model()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 1.0, *[0.0] * 7, 5.0]))
+    assert evaluate_stream(model, stream)[0] == 0.0
+    masked = evaluate_stream(model, stream, active_classes=(0, 1))
+    task0 = stream[0]
+    assert masked[0] == pytest.approx(float((task0.y_test == 1).mean()))
+    assert np.all(masked[1:] == 0.0)  # the other tasks' classes cannot be predicted
