@@ -23,6 +23,19 @@ def test_pyproject_defaults_equal_dataclass_defaults() -> None:
     # Assert
     assert parsed == EdgeKDConfig()
     assert set(EdgeKDConfig().to_flat()) == set(flat_defaults())
+    # `flwr run` refuses a run config with a key the app does not declare ("Invalid run
+    # configuration"), so every config key must be declared here, not only differ from none.
+    assert set(_flat(app_config)) == set(flat_defaults())
+
+
+def _flat(table: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def test_string_overrides_are_parsed_by_type() -> None:
