@@ -345,12 +345,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     cont.add_argument("--tasks", type=int, help="tasks in the stream (5)")
     cont.add_argument(
-        "--rounds-per-task", type=int, help="federated rounds on each task before the next (3)"
+        "--rounds-per-task", type=int, help="federated rounds on each task before the next (6)"
     )
     cont.add_argument(
         "--cl-method",
         choices=[*CONTINUAL_METHODS, "all"],
-        help="anti-forgetting method (teacher-kd); all: the five on the same stream, compared",
+        help="anti-forgetting method (teacher-kd); all: the seven on the same stream, compared",
     )
     sim.set_defaults(func=cmd_simulate)
 

@@ -72,6 +72,7 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
     _advance(regularizer, model, stream, context, run, task_id, cfg.data.partition, pid, num, seed)
 
     local = task_client_split(stream[task_id], cfg.data.partition, pid, num, seed)
+    logit_adjust = bool(config.get(R.CL_LOGIT_ADJUST, True))
     out = train_task(
         model,
         local.x,
@@ -81,12 +82,13 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
         lr=settings.lr,
         batch_size=settings.batch_size,
         seed=settings.seed,
-        class_weighting=settings.class_weighting,
+        class_weighting=settings.class_weighting and not logit_adjust,
         max_class_weight=settings.max_class_weight,
         clip_norm=settings.clip_norm,
         active_classes=(
             stream.classes_up_to(task_id) if bool(config.get(R.CL_MASK_UNSEEN, True)) else None
         ),
+        adjust_classes=stream[task_id].classes if logit_adjust else None,
     )
     save_state(context, regularizer, run, task_id)
     new_state = model_state(model)
@@ -179,8 +181,7 @@ def _make_regularizer(
     method = str(config_scalar(config, R.CL_METHOD))
     kwargs: dict[str, Any] = {}
     if method == "teacher-kd":
-        if proxy is None:
-            raise ContinualStateError("teacher-kd needs the teacher's proxy set; none was sent")
+        proxy = _needs(proxy, method)
         kwargs = {
             "weight": float(config_scalar(config, R.CL_WEIGHT)),
             "temperature": float(config_scalar(config, R.CL_TEMPERATURE)),
@@ -188,17 +189,30 @@ def _make_regularizer(
             "proxy_probs": proxy[1],
             "seed": round_seed,  # the proxy batches of this round
         }
-    elif method == "lwf":
+    elif method in ("lwf", "lwf-proxy"):
         kwargs = {
             "weight": float(config_scalar(config, R.CL_WEIGHT)),
             "temperature": float(config_scalar(config, R.CL_TEMPERATURE)),
         }
+        if method == "lwf-proxy":  # the proxy inputs only, not the teacher's probabilities
+            kwargs.update(proxy_x=_needs(proxy, method)[0], seed=round_seed)
+    elif method == "replay-proxy":
+        x, probs = _needs(proxy, method)
+        kwargs = {"proxy_x": x, "proxy_probs": probs}
     elif method == "ewc":
         kwargs = {"weight": float(config_scalar(config, R.CL_EWC_WEIGHT))}
     elif method == "replay":
         # The reservoir's seed is not in its state: it must be the same in every round.
         kwargs = {"buffer_size": int(config_scalar(config, R.CL_BUFFER_SIZE)), "seed": node_seed}
     return make_regularizer(method, **kwargs)
+
+
+def _needs(
+    proxy: tuple[np.ndarray, np.ndarray] | None, method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    if proxy is None:
+        raise ContinualStateError(f"{method} needs the teacher's proxy set; none was sent")
+    return proxy
 
 
 def _proxy(

@@ -35,8 +35,10 @@ __all__ = [
     "REGULARIZERS",
     "ContinualRegularizer",
     "LwF",
+    "LwFProxy",
     "NaiveFineTuning",
     "Replay",
+    "ReplayProxy",
     "TeacherKD",
     "empirical_fisher",
     "make_regularizer",
@@ -260,6 +262,47 @@ class LwF(ContinualRegularizer):
         self._snapshot = {k: torch.from_numpy(np.array(v)) for k, v in snap.items()} or None
 
 
+class LwFProxy(LwF):
+    """LwF that also distils its old self on the teacher-kd proxy inputs::
+
+        penalty = LwF's term on the batch
+                + weight * tau^2 * mean_{k in P} KL(softmax(z_old,k[S] / tau)
+                                                    || softmax(z_k[S] / tau)),
+
+    ``P`` a batch of the same size drawn from the proxy inputs (their teacher probabilities
+    are not used). This is the comparator that gets the same data as :class:`TeacherKD`
+    with the student's snapshot in the teacher's place, the global distillation on unlabelled
+    data of Lee et al. (ICCV 2019) without their teacher ensemble; teacher-kd's lead over it
+    is the teacher's share of the gain, not the data's.
+    """
+
+    name = "lwf-proxy"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        temperature: float = 2.0,
+        *,
+        proxy_x: np.ndarray,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(weight, temperature)
+        if len(proxy_x) == 0:
+            raise ValueError("lwf-proxy needs a non-empty proxy set")
+        self._proxy_x = torch.from_numpy(proxy_x)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def penalty(
+        self, model: nn.Module, x: Tensor, logits: Tensor, y: Tensor, teacher_probs: Tensor | None
+    ) -> Tensor:
+        own = super().penalty(model, x, logits, y, teacher_probs)
+        if self._snapshot is None or not self._seen:
+            return own
+        pick = torch.randperm(len(self._proxy_x), generator=self._generator)[: len(x)]
+        px = self._proxy_x[pick]
+        return own + super().penalty(model, px, model(px), y, None)
+
+
 class EWC(ContinualRegularizer):
     """Elastic Weight Consolidation, Kirkpatrick et al. (PNAS 2017), online form::
 
@@ -435,6 +478,57 @@ class Replay(ContinualRegularizer):
         self._n_seen = int(state["n_seen"])
 
 
+class ReplayProxy(ContinualRegularizer):
+    """Replay drawn from the teacher-kd proxy set instead of a buffer of the node's own data:
+    each batch is joined by ``min(B, |pool|)`` proxy inputs whose teacher label (the argmax
+    of their teacher probabilities) is a class of a task already trained, with that label.
+
+    The comparator that gets the same data as :class:`TeacherKD` and the teacher's hard
+    labels in place of its soft targets; it stores nothing of the node's own data. Its
+    state is the classes seen so far.
+    """
+
+    name = "replay-proxy"
+
+    def __init__(self, *, proxy_x: np.ndarray, proxy_probs: np.ndarray) -> None:
+        if len(proxy_x) == 0 or len(proxy_x) != len(proxy_probs):
+            raise ValueError(
+                f"proxy_x ({len(proxy_x)}) and proxy_probs ({len(proxy_probs)}) must have the "
+                "same, non-zero length"
+            )
+        self._x = proxy_x
+        self._labels = np.asarray(proxy_probs).argmax(axis=1).astype(np.int64)
+        self._seen: list[int] = []
+
+    @property
+    def seen_classes(self) -> tuple[int, ...]:
+        return tuple(self._seen)
+
+    def pool(self) -> np.ndarray:
+        """Indices of the proxy samples that may be replayed now."""
+        return np.flatnonzero(np.isin(self._labels, self._seen))
+
+    def after_task(
+        self, model: nn.Module, task: Task, x_train: np.ndarray, y_train: np.ndarray
+    ) -> None:
+        self._seen = sorted(set(self._seen) | set(task.classes))
+
+    def extra_batch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor] | None:
+        pool = self.pool()
+        if len(pool) == 0:
+            return None
+        pick = pool[torch.randperm(len(pool), generator=generator)[:batch_size].numpy()]
+        return torch.from_numpy(self._x[pick]), torch.from_numpy(self._labels[pick])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"seen_classes": np.asarray(self._seen, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self._seen = [int(c) for c in state["seen_classes"]]
+
+
 def _unprefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, Tensor]:
     return {
         k[len(prefix) :]: torch.from_numpy(np.array(v))
@@ -449,6 +543,8 @@ REGULARIZERS: dict[str, type[ContinualRegularizer]] = {
     "lwf": LwF,
     "ewc": EWC,
     "replay": Replay,
+    "lwf-proxy": LwFProxy,
+    "replay-proxy": ReplayProxy,
 }
 
 
@@ -460,7 +556,8 @@ def _check_kd_args(weight: float, temperature: float) -> None:
 
 
 def make_regularizer(name: str, **kwargs: Any) -> ContinualRegularizer:
-    """Build a regularizer by name (``naive``, ``teacher-kd``, ``lwf``, ``ewc``, ``replay``).
+    """Build a regularizer by name (``naive``, ``teacher-kd``, ``lwf``, ``ewc``, ``replay``,
+    ``lwf-proxy``, ``replay-proxy``).
 
     Keyword arguments go to the class (e.g. ``weight``, ``temperature``, ``buffer_size``).
 

@@ -47,13 +47,14 @@ QAT = "compression.qat"  # "" | int8 | ternary: the quantizer to train with this
 MASK_VERSION = "compression.mask-version"  # "" or the masks' hash; cached per node
 # Continual runs (edgekd.server.continual -> edgekd.client.continual_client)
 CL_RUN = "continual.run"  # tag of one method's run; a node resets its continual state on a new tag
-CL_METHOD = "continual.method"  # teacher-kd | lwf | ewc | replay | naive
+CL_METHOD = "continual.method"  # one of CONTINUAL_METHODS
 CL_TASK = "continual.task"  # index of the task this round trains on, 0-based
 CL_WEIGHT = "continual.weight"
 CL_TEMPERATURE = "continual.temperature"
 CL_EWC_WEIGHT = "continual.ewc-weight"
 CL_BUFFER_SIZE = "continual.buffer-size"
 CL_MASK_UNSEEN = "continual.mask-unseen"  # CE over the classes seen so far only
+CL_LOGIT_ADJUST = "continual.logit-adjust"  # CE(z + log local prior, y), no class weights
 CL_PROXY_HASH = "continual.proxy-hash"  # sha256 of the proxy record, cached per node
 
 # MetricRecord entries (client → server)

@@ -82,6 +82,7 @@ def continual_round_config(cfg: EdgeKDConfig) -> dict[str, Scalar]:
         R.CL_EWC_WEIGHT: cl.ewc_weight,
         R.CL_BUFFER_SIZE: cl.buffer_size,
         R.CL_MASK_UNSEEN: cl.mask_unseen,
+        R.CL_LOGIT_ADJUST: cl.logit_adjust,
     }
 
 

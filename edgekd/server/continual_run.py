@@ -33,7 +33,7 @@ from edgekd.continual.metrics import summarize
 from edgekd.continual.scenario import client_stream, server_stream
 from edgekd.continual.streams import TaskStream
 from edgekd.core import records as R
-from edgekd.core.config import CONTINUAL_METHODS, EdgeKDConfig
+from edgekd.core.config import CONTINUAL_METHODS, PROXY_METHODS, EdgeKDConfig
 from edgekd.core.data import ArrayDataset, FederatedData
 from edgekd.core.round_settings import continual_round_config
 from edgekd.learn.models import (
@@ -102,7 +102,7 @@ def run_method(
         schedule=schedule,
         method=method,
         run_tag=f"{method}-{uuid.uuid4().hex[:12]}",
-        proxy_record=proxy_record if method == "teacher-kd" else None,
+        proxy_record=proxy_record if method in PROXY_METHODS else None,
         reference_state=reference,
         node_wait=t.round_timeout,
         max_examples=t.max_examples,
@@ -161,7 +161,7 @@ Say = Callable[[str], None]
 class ContinualSetup:
     """What every method of a continual run shares: the clients' stream, the student's
     spec and common random start, and the teacher with its scores and (for
-    ``teacher-kd``) its proxy set."""
+    ``teacher-kd`` and the same-proxy comparators) its proxy set."""
 
     stream: TaskStream
     student_spec: ModelSpec
@@ -214,7 +214,7 @@ def continual_setup(
 ) -> ContinualSetup:
     """Seed, rebuild the clients' stream and the server's draw of every task, obtain the
     teacher on the server's draw (saved as ``teacher.pt``), score it on every task, draw
-    the proxy set if ``teacher-kd`` runs, and build the seeded initial student."""
+    the proxy set if a method of ``PROXY_METHODS`` runs, and build the seeded initial student."""
     seed_everything(cfg.seed)
     stream, server = client_stream(cfg), server_stream(cfg)
     public = _concat(server, "train")
@@ -237,7 +237,7 @@ def continual_setup(
     teacher = obtain_teacher(cfg, data, teacher_spec)
     teacher_acc = evaluate_stream(teacher, stream)
     say(f"teacher: accuracy per task {np.round(teacher_acc, 3).tolist()}")
-    proxy = proxy_record_for(cfg, teacher, public) if "teacher-kd" in methods else None
+    proxy = proxy_record_for(cfg, teacher, public) if set(methods) & set(PROXY_METHODS) else None
     torch.manual_seed(cfg.seed)
     initial = build_model(student_spec)  # the same random start for every method
     save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))

@@ -11,7 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd.continual.learner import evaluate_stream, run_sequential, train_task
+from edgekd.continual.learner import (
+    evaluate_stream,
+    local_log_prior,
+    run_sequential,
+    train_task,
+)
 from edgekd.continual.regularizers import NaiveFineTuning, Replay, TeacherKD
 from edgekd.continual.streams import TaskStream, make_stream
 from edgekd.core.data import _mnist1d
@@ -180,3 +185,50 @@ def test_evaluate_stream_predicts_among_the_active_classes_only() -> None:
     task0 = stream[0]
     assert masked[0] == pytest.approx(float((task0.y_test == 1).mean()))
     assert np.all(masked[1:] == 0.0)  # the other tasks' classes cannot be predicted
+
+
+def test_local_log_prior_offsets_the_task_classes_only() -> None:
+    y = np.array([0] * 90 + [1] * 10)
+    prior = local_log_prior(y, (0, 1), 4).numpy()
+    # Relative to the commonest class of the task; classes outside it keep offset 0.
+    np.testing.assert_allclose(prior, [np.log(90.001 / 90), np.log(10.001 / 90), 0, 0], rtol=1e-5)
+    absent = local_log_prior(y, (0, 3), 4).numpy()
+    assert absent[3] == pytest.approx(np.log(1e-3 / 90), rel=1e-5)  # no evidence against it
+    with pytest.raises(ValueError, match="adjust_classes"):
+        local_log_prior(y, (0, 4), 4)
+
+
+def test_logit_adjust_stops_a_skewed_node_pushing_its_rare_class_down() -> None:
+    """A node with 48 samples of class 0 and 4 of class 1: plain CE widens the head's
+    class-0 over class-1 bias gap (the prior it learns); the balanced softmax explains the
+    skew by the node's prior and does not widen the gap."""
+    x, y = _data()
+    keep = (y == 0) | (np.cumsum(y == 1) <= 4)
+    x, y = x[keep], y[keep]
+    gaps = {}
+    for adjust in (False, True):
+        model = _model()
+        start = model.head.bias.detach().clone()
+        train_task(
+            model, x, y, NaiveFineTuning(), epochs=5, lr=3e-3, batch_size=16, seed=5,
+            active_classes=(0, 1), adjust_classes=(0, 1) if adjust else None,
+        )  # fmt: skip
+        end = model.head.bias.detach()
+        gaps[adjust] = float((end[0] - end[1]) - (start[0] - start[1]))
+    assert gaps[False] > 0.05  # measured 0.116 (0.105-0.116 over 4 model seeds)
+    assert gaps[True] < 0.1 * gaps[False]  # measured -0.019 (-0.033 to -0.019)
+
+
+def test_logit_adjust_on_balanced_labels_trains_as_plain_ce() -> None:
+    """Equal counts give equal offsets to the active classes, and a softmax ignores a
+    shared shift: the same weights up to float rounding."""
+    plain, adjusted = _model(), _model()
+    _train(plain, NaiveFineTuning(), active_classes=(0, 1))
+    _train(adjusted, NaiveFineTuning(), active_classes=(0, 1), adjust_classes=(0, 1))
+    for a, b in zip(_params(plain), _params(adjusted), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_logit_adjust_and_class_weighting_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="adjust_classes and class_weighting"):
+        _train(_model(), NaiveFineTuning(), adjust_classes=(0, 1), class_weighting=True)

@@ -11,8 +11,10 @@ from edgekd.continual.regularizers import (
     EWC,
     REGULARIZERS,
     LwF,
+    LwFProxy,
     NaiveFineTuning,
     Replay,
+    ReplayProxy,
     TeacherKD,
     empirical_fisher,
     make_regularizer,
@@ -136,6 +138,55 @@ def test_lwf_state_dict_round_trips_the_snapshot() -> None:
     )
 
 
+def test_lwf_proxy_adds_the_snapshots_kl_on_the_proxy_inputs() -> None:
+    # Prepare: a proxy set as large as the batch, so each draw is all of it, permuted.
+    first, second = _task(0, (0, 1)), _task(1, (2, 3))
+    proxy_x = np.random.default_rng(7).normal(size=(24, 1, 40)).astype(np.float32)
+    plain, with_proxy = LwF(weight=1.5), LwFProxy(weight=1.5, proxy_x=proxy_x, seed=3)
+    old, new = _model(0), _model(1)
+    x, y = torch.from_numpy(second.x_train), torch.from_numpy(second.y_train)
+    for reg in (plain, with_proxy):
+        reg.before_task(old, first)
+    assert with_proxy.penalty(new, x, new(x), y, None).item() == 0.0  # first task: no snapshot
+    for reg in (plain, with_proxy):
+        reg.after_task(old, first, first.x_train, first.y_train)
+        reg.before_task(old, second)
+    # Execute
+    got = with_proxy.penalty(new, x, new(x), y, None)
+    # Assert: LwF's term on the batch plus the same term on the proxy inputs.
+    px = torch.from_numpy(proxy_x)
+    expected = plain.penalty(new, x, new(x), y, None) + plain.penalty(new, px, new(px), y, None)
+    torch.testing.assert_close(got, expected)
+    assert plain.penalty(new, px, new(px), y, None).item() > 1e-5  # the proxy term is not 0
+
+
+def test_replay_proxy_replays_the_teachers_labels_of_seen_classes_only() -> None:
+    # Prepare: 30 proxy samples whose teacher labels cycle through 0..9.
+    rng = np.random.default_rng(0)
+    proxy_x = rng.normal(size=(30, 1, 40)).astype(np.float32)
+    labels = np.arange(30) % 10
+    probs = np.full((30, 10), 0.05, dtype=np.float32)
+    probs[np.arange(30), labels] = 0.55
+    reg = ReplayProxy(proxy_x=proxy_x, proxy_probs=probs)
+    gen = torch.Generator().manual_seed(0)
+    assert reg.extra_batch(8, gen) is None  # no task has ended: nothing to replay
+    # Execute
+    reg.after_task(_model(), _task(0, (0, 1)), np.zeros(0), np.zeros(0))
+    batch = reg.extra_batch(8, gen)
+    # Assert: the 6 proxy samples labelled 0 or 1, with those labels.
+    assert batch is not None
+    bx, by = batch
+    assert len(by) == 6 and set(by.tolist()) <= {0, 1}
+    rows = [int(np.flatnonzero((proxy_x == xi.numpy()).all(axis=(1, 2)))[0]) for xi in bx]
+    assert sorted(rows) == [0, 1, 10, 11, 20, 21]
+    assert by.tolist() == labels[rows].tolist()
+    restored = ReplayProxy(proxy_x=proxy_x, proxy_probs=probs)
+    restored.load_state_dict(reg.state_dict())
+    assert restored.seen_classes == (0, 1)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        ReplayProxy(proxy_x=proxy_x, proxy_probs=probs[:3])
+
+
 # --- EWC ---------------------------------------------------------------------------------------
 def test_ewc_penalty_is_zero_at_the_anchor_and_quadratic_away_from_it() -> None:
     # Prepare
@@ -251,10 +302,13 @@ def test_make_regularizer_builds_each_name_and_rejects_others() -> None:
         "ewc": EWC,
         "replay": Replay,
     }
-    assert set(REGULARIZERS) == set(expected)
+    assert set(REGULARIZERS) == set(expected) | {"lwf-proxy", "replay-proxy"}
     for name, cls in expected.items():
         reg = make_regularizer(name)
         assert type(reg) is cls and reg.name == name
     assert make_regularizer("replay", buffer_size=5).buffer_size == 5  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="'si'"):
         make_regularizer("si")
+    x, probs = np.zeros((4, 1, 40), np.float32), np.full((4, 10), 0.1, np.float32)
+    assert type(make_regularizer("lwf-proxy", proxy_x=x)) is LwFProxy
+    assert type(make_regularizer("replay-proxy", proxy_x=x, proxy_probs=probs)) is ReplayProxy

@@ -1,5 +1,5 @@
 """`edgekd simulate --scenario ...` end to end on Flower's Ray simulation engine (tiny, seeded):
-all five methods on a two-task class-incremental stream, one round per task."""
+all seven methods on a two-task class-incremental stream, one round per task."""
 
 from __future__ import annotations
 
@@ -87,11 +87,14 @@ def test_simulate_continual_writes_every_methods_report(
     # from task 0's after_task, run lazily there on what the node kept in context.state in
     # round 1 (its run and task): a penalty above 0 means that state survived in Ray's node
     # state; a fresh state would start task 1 without one, as naive fine-tuning does.
-    for method in ("ewc", "lwf"):
+    for method in ("ewc", "lwf", "lwf-proxy"):
         rounds = json.loads((out / method / "report.json").read_text())["rounds"]
         assert rounds[1]["penalty"] == 0.0 and rounds[2]["penalty"] > 0.0, method
-    replay, naive = (comparison["continual"][m]["matrix"][1] for m in ("replay", "naive"))
+    replay, from_proxy, naive = (
+        comparison["continual"][m]["matrix"][1] for m in ("replay", "replay-proxy", "naive")
+    )
     assert replay != naive  # the buffer of task-0 samples was replayed in round 2
+    assert from_proxy != naive  # and the proxy samples the teacher labels 0 or 1
     kd = json.loads((out / "teacher-kd" / "report.json").read_text())
     # The proxy set went to each of the 3 nodes in round 1 only.
     assert kd["rounds"][1]["bytes_down"] > kd["rounds"][2]["bytes_down"]

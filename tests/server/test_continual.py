@@ -19,7 +19,7 @@ from edgekd.client.continual_client import META, PROXY_STATE, handle_continual_t
 from edgekd.continual.scenario import client_stream
 from edgekd.continual.streams import task_client_split
 from edgekd.core import records as R
-from edgekd.core.config import EdgeKDConfig
+from edgekd.core.config import PROXY_METHODS, EdgeKDConfig
 from edgekd.core.round_settings import continual_round_config
 from edgekd.learn.models import build_model, spec_for
 from edgekd.server.continual import ContinualStrategy, TaskSchedule
@@ -92,7 +92,7 @@ def _run(
     torch.manual_seed(0)
     initial = build_model(spec)
     proxy = None
-    if method == "teacher-kd":  # any probabilities will do here: a fixed random "teacher"
+    if method in PROXY_METHODS:  # any probabilities will do here: a fixed random "teacher"
         rng = np.random.default_rng(0)
         x = stream[0].x_test[: cfg.continual.proxy_size]
         probs = rng.dirichlet(np.ones(10), size=len(x)).astype(np.float32)
@@ -210,6 +210,28 @@ def test_proxy_travels_once_per_node_and_again_after_a_lost_state(cfg: EdgeKDCon
     assert sorted(with_proxy) == [(1, NODES[0]), (1, NODES[1]), (3, NODES[1])]
     assert PROXY_STATE in fed.contexts[NODES[1]].state.array_records
     assert (4, NODES[1]) in fed.states  # it trained again from its cache in round 4
+
+
+@pytest.mark.parametrize("method", ["lwf-proxy", "replay-proxy"])
+def test_the_same_proxy_comparators_get_the_proxy_set_and_carry_the_seen_classes(
+    cfg: EdgeKDConfig, method: str
+) -> None:
+    # Execute
+    fed, summary, _ = _run(cfg, method)
+
+    # Assert: the proxy goes to each node once (round 1), the node keeps the classes of the
+    # tasks that ended, and the run scores every task.
+    with_proxy = sorted(
+        (int(m.content.config_records[R.CONFIG][R.ROUND]), m.metadata.dst_node_id)  # type: ignore[arg-type]
+        for m in fed.grid.sent
+        if R.PROXY in m.content.array_records
+    )
+    assert with_proxy == [(1, NODES[0]), (1, NODES[1])]
+    stream = client_stream(cfg)
+    for node in NODES:
+        assert fed.states[2, node]["seen_classes"].tolist() == []
+        assert fed.states[3, node]["seen_classes"].tolist() == list(stream[0].classes)
+    assert np.asarray(summary["matrix"]).shape == (2, 2)
 
 
 def test_teacher_kd_with_weight_zero_equals_naive_in_the_federation(cfg: EdgeKDConfig) -> None:
