@@ -62,29 +62,13 @@ def train_task(
     With ``active_classes`` the cross-entropy is a softmax over those classes only: the
     logits of every other class are masked out of it (Avalanche's ``IncrementalClassifier``
     with ``masking=True`` masks the units of classes not seen yet the same way). Pass the
-    classes seen so far: without the mask, each task trains the head rows of classes that
-    have not arrived to score low on every feature, and when such a class arrives the
-    cheapest way to raise its logit is to switch the shared ReLU features off, which
-    leaves nothing to tell its classes apart (measured: without it, a federated naive run
-    lost 88 % of its features at the third task and learned it to 0.50, one class of two).
-    The regularizers' penalties are not masked: a teacher or an old model may speak for
-    any class.
+    classes seen so far (see :func:`_masked_cross_entropy` why). The regularizers'
+    penalties are not masked: a teacher or an old model may speak for any class.
 
-    With ``adjust_classes`` (the current task's classes) the cross-entropy is Balanced
-    Softmax (Ren et al., NeurIPS 2020) over them, as FedLC applies it to label skew across
-    clients (Zhang et al., ICML 2022): ``CE(z + o, y)`` with the offsets of
-    :func:`local_log_prior`, the log of this node's prior over those classes relative to
-    its most frequent one, and 0 for every other class. Among the task's classes the CE
-    is then minimised by a model whose own (unadjusted) probabilities are balanced, so a
-    node holding mostly one class of the task no longer drives the other class's logit
-    down; the federated average of such updates is what fails without it (measured: a
-    naive federated run on Dirichlet-0.5 shares learned its second task to 0.72). Old
-    classes keep offset 0, as frequent as the node's commonest class: their logits must
-    still be pushed down on the new task's inputs, or a method whose penalty holds them
-    up (LwF, EWC) never learns the new task (measured: with the old classes' offsets at
-    their near-zero local prior, LwF's diagonal fell to 0.05). Predictions and the
-    penalties use the plain logits. It corrects the local prior, as ``class_weighting``
-    does, so the two are exclusive.
+    With ``adjust_classes`` (the current task's classes) the cross-entropy is the Balanced
+    Softmax ``CE(z + o, y)`` with the offsets ``o`` of :func:`local_log_prior` (see there
+    why); predictions and the penalties use the plain logits. It corrects the local prior,
+    as ``class_weighting`` does, so the two are exclusive.
 
     Adam, gradient-norm clipping at ``clip_norm`` and a seeded shuffling generator, as in
     `edgekd.learn.training.kd_train`: the same model, data and seed give the same weights.
@@ -117,18 +101,13 @@ def train_task(
         ValueError: For ``adjust_classes`` together with ``class_weighting``, and the input
             checks above.
     """
-    _check_task_inputs(y, regularizer, teacher_probs, alpha)
-    if adjust_classes is not None and class_weighting:
-        raise ValueError(
-            "adjust_classes and class_weighting both correct the class prior; pick one"
-        )
+    _check_task_inputs(y, regularizer, teacher_probs, alpha, adjust_classes, class_weighting)
     if len(y) == 0:
         return {"loss": 0.0, "penalty": 0.0, "steps": 0.0}
     gen = torch.Generator().manual_seed(seed)
     data = _task_tensors(x, y, teacher_probs, class_weighting, max_class_weight, active_classes)
     if adjust_classes is not None:
-        offsets = local_log_prior(y, adjust_classes, _num_outputs(model, x))
-        data = replace(data, log_prior=offsets)
+        data = replace(data, log_prior=local_log_prior(y, adjust_classes, _num_outputs(model, x)))
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
@@ -171,9 +150,16 @@ def _check_task_inputs(
     regularizer: ContinualRegularizer,
     teacher_probs: np.ndarray | None,
     alpha: float,
+    adjust_classes: Sequence[int] | None = None,
+    class_weighting: bool = False,
 ) -> None:
-    """Refuse a negative ``alpha``, a missing teacher the regularizer needs, and teacher
-    probabilities whose row count does not match the labels."""
+    """Refuse a negative ``alpha``, a missing teacher the regularizer needs, teacher
+    probabilities whose row count does not match the labels, and two corrections of the
+    class prior at once."""
+    if adjust_classes is not None and class_weighting:
+        raise ValueError(
+            "adjust_classes and class_weighting both correct the class prior; pick one"
+        )
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if regularizer.needs_teacher and teacher_probs is None:
@@ -287,6 +273,17 @@ def local_log_prior(
     counts the labels ``y`` (the node's share of the task) among them, and ``o_c = 0`` for
     every other class. A class of the task the node holds none of gets a very negative
     offset: the node gives no evidence against it.
+
+    This is Balanced Softmax (Ren et al., NeurIPS 2020) as FedLC applies it to label skew
+    across clients (Zhang et al., ICML 2022). Among the task's classes ``CE(z + o, y)`` is
+    minimised by a model whose own (unadjusted) probabilities are balanced, so a node
+    holding mostly one class of the task no longer drives the other class's logit down;
+    the federated average of such updates is what fails without it (measured: a naive
+    federated run on Dirichlet-0.5 shares learned its second task to 0.72). Old classes
+    keep offset 0, as frequent as the node's commonest class: their logits must still be
+    pushed down on the new task's inputs, or a method whose penalty holds them up (LwF,
+    EWC) never learns the new task (measured: with the old classes' offsets at their
+    near-zero local prior, LwF's diagonal fell to 0.05).
     """
     counts = np.bincount(y, minlength=num_classes)[:num_classes].astype(np.float64)
     cls = np.asarray(sorted(set(classes)), dtype=np.int64)
@@ -312,7 +309,13 @@ def _masked_cross_entropy(
     logits: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None
 ) -> torch.Tensor:
     """Per-sample CE of ``logits`` against ``y``, the softmax taken over the ``active``
-    classes only (all when None); ``active`` is sorted and holds every label of ``y``."""
+    classes only (all when None); ``active`` is sorted and holds every label of ``y``.
+
+    Without the mask, each task trains the head rows of classes that have not arrived to
+    score low on every feature, and when such a class arrives the cheapest way to raise its
+    logit is to switch the shared ReLU features off, which leaves nothing to tell its
+    classes apart (measured: without it, a federated naive run lost 88 % of its features at
+    the third task and learned it to 0.50, one class of two)."""
     if active is None:
         return F.cross_entropy(logits, y, reduction="none")
     if not bool(torch.isin(y, active).all()):
