@@ -9,7 +9,10 @@ node's ``context.state``, never on the server. A node calls ``after_task`` lazil
 first round of a later task, on the global student it just received (the model at the end of
 the tasks it missed) and on its own data of each task that ended, then ``before_task`` for
 the new one, so the hooks bracket the task as `edgekd.continual.learner.run_sequential` does.
-A node whose first round comes in a later task (or that lost its state) starts from there.
+A node without state for the run (its first round comes in a later task, it lost its state,
+or the server resumed a run on fresh nodes) gets the global student at every task start so
+far (``R.HISTORY``) and rebuilds its state from them and its own data of the past tasks, as
+if it had trained every round (`_rebuild`); without it, it starts from the current task.
 
 Thin glue: the math is in `edgekd.continual` (regularizers, ``train_task``); the payload
 codec runs as a mod, so the handler sees plain arrays.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,9 +73,12 @@ def handle_continual_train(cfg: EdgeKDConfig, msg: Message, context: Context) ->
 
     model = _load_student(cfg, stream, record_to_state(msg.content.array_records[R.ARRAYS]))
     regularizer = _make_regularizer(config, _proxy(msg, context, config), node_seed, settings.seed)
-    _advance(regularizer, model, stream, context, run, task_id, cfg.data.partition, pid, num, seed)
+    history = msg.content.array_records.get(R.HISTORY)
+    share = _Share(stream, cfg.data.partition, pid, num, seed)
+    if not _advance(regularizer, model, context, run, task_id, share) and history is not None:
+        _rebuild(regularizer, cfg, share, record_to_state(history), task_id)
 
-    local = task_client_split(stream[task_id], cfg.data.partition, pid, num, seed)
+    local = share.of(task_id)
     logit_adjust = bool(config.get(R.CL_LOGIT_ADJUST, True))
     out = train_task(
         model,
@@ -126,33 +133,73 @@ def handle_warm_up(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message
     return Message(content=RecordDict(), reply_to=msg)
 
 
+@dataclass(frozen=True)
+class _Share:
+    """Which share of every task this node holds."""
+
+    stream: TaskStream
+    partition: str
+    pid: int
+    num: int
+    seed: int
+
+    def of(self, task: int) -> Any:
+        return task_client_split(self.stream[task], self.partition, self.pid, self.num, self.seed)
+
+
 def _advance(
     regularizer: ContinualRegularizer,
     model: Any,
-    stream: TaskStream,
     context: Context,
     run: str,
     task_id: int,
-    partition: str,
-    pid: int,
-    num: int,
-    seed: int,
-) -> None:
+    share: _Share,
+) -> bool:
     """Restore the node's state for ``run`` and bring it to ``task_id``: ``after_task`` for
-    every task that ended since the node last trained, ``before_task`` for a new task."""
+    every task that ended since the node last trained, ``before_task`` for a new task.
+    False when the node holds no state for ``run`` (it then only ran ``before_task``)."""
     meta = context.state.config_records.get(META)
     held = int(config_scalar(meta, "task")) if meta is not None and meta.get("run") == run else None
     if held is not None and held > task_id:
         held = None  # the server went back in the stream: a new run under the same tag
     if held is None:  # this node's first round of the run, or a state of another run
-        regularizer.before_task(model, stream[task_id])
-        return
+        regularizer.before_task(model, share.stream[task_id])
+        return False
     regularizer.load_state_dict(record_to_state(context.state.array_records[STATE]))
     for past in range(held, task_id):
-        data = task_client_split(stream[past], partition, pid, num, seed)
-        regularizer.after_task(model, stream[past], data.x, data.y)
+        data = share.of(past)
+        regularizer.after_task(model, share.stream[past], data.x, data.y)
     if task_id > held:
-        regularizer.before_task(model, stream[task_id])
+        regularizer.before_task(model, share.stream[task_id])
+    return True
+
+
+def _rebuild(
+    regularizer: ContinualRegularizer,
+    cfg: EdgeKDConfig,
+    share: _Share,
+    history: Mapping[str, np.ndarray],
+    task_id: int,
+) -> None:
+    """Rebuild a fresh regularizer's state at ``task_id`` from the global student at each task
+    start (``history["<task>/<name>"]``): the hook calls a node that trained every round made,
+    on the models it received then. Bit-identical to that node's state for every method
+    (the hooks read only the model, the node's data and its seed)."""
+    starts = [
+        _load_student(cfg, share.stream, _prefixed(history, f"{t}/")) for t in range(task_id + 1)
+    ]
+    regularizer.before_task(starts[0], share.stream[0])
+    for past in range(task_id):
+        data = share.of(past)
+        regularizer.after_task(starts[past + 1], share.stream[past], data.x, data.y)
+        regularizer.before_task(starts[past + 1], share.stream[past + 1])
+
+
+def _prefixed(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ContinualStateError(f"the history sent has no task start {prefix.rstrip('/')}")
+    return out
 
 
 def save_state(context: Context, regularizer: ContinualRegularizer, run: str, task_id: int) -> None:

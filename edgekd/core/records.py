@@ -3,7 +3,9 @@
 Server → client: ``ARRAYS`` (the student), ``CONFIG`` (the keys below), and for the
 two soft-target modes either ``TEACHER`` (the teacher as ONNX bytes, sent once per
 node and cached there by hash) or ``PROXY`` (public inputs with teacher
-probabilities). Client → server: ``ARRAYS`` and ``METRICS``.
+probabilities). A continual node the server has no trained state for, asked in a later
+task, also gets ``HISTORY`` (the global student at every task start) to rebuild its
+method's state. Client → server: ``ARRAYS`` and ``METRICS``.
 """
 
 # RecordDict entries
@@ -12,6 +14,7 @@ CONFIG = "config"
 METRICS = "metrics"
 TEACHER = "teacher"
 PROXY = "proxy"
+HISTORY = "history"  # continual: the global student at the start of every task so far
 MASKS = "masks"  # client-internal: the codec mod hands the decoded masks to the handler
 
 # ArrayRecord entries

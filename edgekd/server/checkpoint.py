@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 RESUMABLE_KEYS = frozenset({"resume", "out-dir", "train.round-timeout", "train.num-rounds"})
 
 _META = "__meta__"
-_STATE, _PRUNER, _RNG = "state/", "pruner/", "rng/"
+_STATE, _PRUNER, _RNG, _ARRAYS = "state/", "pruner/", "rng/", "arrays/"
 
 
 class ResumeError(EdgeKDError, ValueError):
@@ -51,6 +51,7 @@ class RunCheckpoint:
     pruner_initial_round: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able notes (e.g. structure)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # more state (continual runs)
 
 
 def state_sha256(state: Mapping[str, np.ndarray]) -> str:
@@ -104,6 +105,8 @@ def save_run_checkpoint(out_dir: Path, ckpt: RunCheckpoint) -> Path:
         arrays[_STATE + name] = np.asarray(value)
     for name, value in ckpt.pruner.items():
         arrays[_PRUNER + name] = np.asarray(value)
+    for name, value in ckpt.arrays.items():
+        arrays[_ARRAYS + name] = np.asarray(value)
     rng_meta = {k: v for k, v in ckpt.rng.items() if not isinstance(v, np.ndarray)}
     for name, value in ckpt.rng.items():
         if isinstance(value, np.ndarray):
@@ -168,6 +171,7 @@ def load_run_checkpoint(out_dir: Path) -> RunCheckpoint:
             pruner_initial_round=int(meta.get("pruner_initial_round", 0)),
             rng={**meta.get("rng", {}), **section(_RNG)},
             extra=dict(meta.get("extra", {})),
+            arrays=section(_ARRAYS),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ResumeError(
@@ -190,6 +194,8 @@ def check_resumable(ckpt: RunCheckpoint, config: Mapping[str, Any], where: Path)
             f"{where / CHECKPOINT_FILE}: the run was started with another config ({details}); "
             "resume with the same settings"
         )
+    if config.get("continual.scenario"):
+        return  # its rounds come from the task schedule, not train.num-rounds
     if int(config.get("train.num-rounds", ckpt.round)) < ckpt.round:
         raise ResumeError(
             f"{where / CHECKPOINT_FILE}: already at round {ckpt.round}, "

@@ -95,9 +95,16 @@ class ContinualStrategy(EdgeKDStrategy):
     """EdgeKDStrategy (validation, byte accounting, bounded waits) plus the task schedule.
 
     ``configure_train`` injects the round's task, the method and the run's tag into the
-    config (the FedProx pattern: inject, then delegate), and attaches the proxy set (the
-    teacher's probabilities on public inputs) to nodes that do not hold it yet; a node holds
-    it once it has answered a round without an error, and loses it on an error reply.
+    config (the FedProx pattern: inject, then delegate), and attaches to every node the
+    server does not count as *current* (one that has answered a round of this method
+    without an error, since this server started) what it may lack: the proxy set (the
+    teacher's probabilities on public inputs), and from the second task on the history
+    (``R.HISTORY``: the global student at the start of every task so far, from which the
+    node rebuilds its method's state, see `edgekd.client.continual_client`). An error
+    reply makes a node not current again (it may have lost its state).
+
+    ``task_starts`` (task -> state) is recorded at each task's first round; a resumed run
+    passes the ones it saved.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class ContinualStrategy(EdgeKDStrategy):
         method: str,
         run_tag: str,
         proxy_record: ArrayRecord | None = None,
+        task_starts: dict[int, dict[str, np.ndarray]] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metric_keys", CONTINUAL_METRIC_KEYS)
@@ -120,38 +128,56 @@ class ContinualStrategy(EdgeKDStrategy):
             if proxy_record is not None
             else ""
         )
-        self._nodes_with_proxy: set[int] = set()
+        self.task_starts: dict[int, dict[str, np.ndarray]] = dict(task_starts or {})
+        self._current: set[int] = set()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        task = self.schedule.task_of(server_round)
+        if (server_round - 1) % self.schedule.rounds_per_task == 0:
+            self.task_starts[task] = dict(record_to_state(arrays))
         config = ConfigRecord(
             {
                 **dict(config.items()),
-                R.CL_TASK: self.schedule.task_of(server_round),
+                R.CL_TASK: task,
                 R.CL_METHOD: self.method,
                 R.CL_RUN: self.run_tag,
                 R.CL_PROXY_HASH: self.proxy_hash,
             }
         )
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.continual_proxy is None:
+        catch_up = {R.PROXY: self.continual_proxy} if self.continual_proxy is not None else {}
+        if task > 0:
+            catch_up[R.HISTORY] = self.history(task)
+        if not catch_up:
             return messages
         ledger = self.ledger[server_round]
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            if node not in self._nodes_with_proxy:
-                content = dict(msg.content.items())
-                content[R.PROXY] = self.continual_proxy
+            if node not in self._current:
                 msg = Message(
-                    content=RecordDict(content),
+                    content=RecordDict({**dict(msg.content.items()), **catch_up}),
                     dst_node_id=node,
                     message_type=msg.metadata.message_type,
                 )
-                ledger.bytes_down += record_nbytes(self.continual_proxy)
+                ledger.bytes_down += sum(record_nbytes(r) for r in catch_up.values())
             out.append(msg)
         return out
+
+    def history(self, task: int) -> ArrayRecord:
+        """The global student at the start of tasks ``0..task``, as ``"<task>/<name>"``."""
+        missing = [t for t in range(task + 1) if t not in self.task_starts]
+        if missing:
+            raise RuntimeError(f"no recorded start for task(s) {missing} of {self.method}")
+        return state_to_record(
+            {
+                f"{t}/{name}": value
+                for t in range(task + 1)
+                for name, value in self.task_starts[t].items()
+            }
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -159,10 +185,10 @@ class ContinualStrategy(EdgeKDStrategy):
         replies = list(replies)
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():  # it may have lost its state: send the proxy again
-                self._nodes_with_proxy.discard(node)
+            if msg.has_error():  # it may have lost its state: send what it needs again
+                self._current.discard(node)
             else:
-                self._nodes_with_proxy.add(node)
+                self._current.add(node)
         return super().aggregate_train(server_round, replies)
 
 
@@ -182,17 +208,23 @@ class StreamTracker:
         label: str = "",
         show: bool = False,
         mask_unseen: bool = False,
+        per_round: dict[int, np.ndarray] | None = None,
+        seconds: dict[int, float] | None = None,
     ) -> None:
         self.spec, self.stream, self.schedule = spec, stream, schedule
         self.mask_unseen = mask_unseen
-        self.per_round: dict[int, np.ndarray] = {}
-        self.seconds: dict[int, float] = {}
+        # A resumed run passes the scores and timings of the rounds before its checkpoint.
+        self.per_round: dict[int, np.ndarray] = dict(per_round or {})
+        self.seconds: dict[int, float] = dict(seconds or {})
         self._last = time.perf_counter()
         self._bar: Any = None
         if show:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=schedule.num_rounds, desc=label, unit="round", leave=True)
+            done = max((r for r in self.per_round if r > 0), default=0)
+            self._bar = tqdm(
+                total=schedule.num_rounds, initial=done, desc=label, unit="round", leave=True
+            )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         task = self.schedule.task_of(server_round) if server_round > 0 else 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -25,6 +24,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from torch import nn
 
 from edgekd import __version__
@@ -40,6 +40,7 @@ from edgekd.learn.models import (
     ModelSpec,
     build_model,
     count_params,
+    load_checkpoint,
     model_state,
     save_checkpoint,
     spec_for,
@@ -47,12 +48,20 @@ from edgekd.learn.models import (
 from edgekd.learn.training import seed_everything
 from edgekd.reporting.continual_plots import plot_accuracy_matrix, plot_task_accuracy
 from edgekd.reporting.report import write_json_atomic, write_rounds
+from edgekd.server.checkpoint import ResumeError, restore_rng, state_sha256
 from edgekd.server.continual import (
     ContinualStrategy,
     StreamTracker,
     TaskSchedule,
     eval_student,
     proxy_record_for,
+)
+from edgekd.server.continual_resume import (
+    ContinualCheckpointer,
+    ContinualResume,
+    MethodProgress,
+    completed_summary,
+    continual_resume_point,
 )
 from edgekd.server.ledger import RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
@@ -88,21 +97,27 @@ def run_method(
     *,
     proxy_record: ArrayRecord | None,
     show_progress: bool = False,
+    progress: MethodProgress | None = None,
+    on_round: Callable[[MethodProgress], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], nn.Module]:
-    """One method's federated run over the whole stream.
+    """One method's federated run over the whole stream, from ``initial`` or, when
+    ``progress`` holds completed rounds, from the round after them (a resumed run).
+    ``on_round`` sees ``progress`` updated after every round (to checkpoint it).
 
     Returns its ``continual`` summary (matrix, avg_accuracy, forgetting, bwt, fwt, baseline,
     per-round accuracy on every task, wall_time), the per-round records and the final student.
     """
     started = time.perf_counter()
     t, cl = cfg.train, cfg.continual
+    progress = progress or MethodProgress(method)
     schedule = TaskSchedule(cl.tasks, cl.rounds_per_task)
     reference = model_state(initial)
     strategy = ContinualStrategy(
         schedule=schedule,
         method=method,
-        run_tag=f"{method}-{uuid.uuid4().hex[:12]}",
+        run_tag=f"{method}-{progress.run_tag}",
         proxy_record=proxy_record if method in PROXY_METHODS else None,
+        task_starts=progress.task_starts,
         reference_state=reference,
         node_wait=t.round_timeout,
         max_examples=t.max_examples,
@@ -114,44 +129,72 @@ def run_method(
         min_available_nodes=t.min_nodes,
     )
     tracker = StreamTracker(
-        spec, stream, schedule, label=method, show=show_progress, mask_unseen=cl.mask_unseen
+        spec,
+        stream,
+        schedule,
+        label=method,
+        show=show_progress,
+        mask_unseen=cl.mask_unseen,
+        per_round=progress.per_round,
+        seconds=progress.seconds,
     )
+    earlier = progress.wall_time
+
+    def round_end(rnd: int, arrays: ArrayRecord, result: Result) -> None:
+        if not progress.rounds:
+            progress.rounds.append(_round_record(0, schedule, strategy, tracker, result))
+        progress.rounds.append(_round_record(rnd, schedule, strategy, tracker, result))
+        progress.round, progress.state = rnd, dict(record_to_state(arrays))
+        progress.task_starts = strategy.task_starts
+        progress.per_round, progress.seconds = tracker.per_round, tracker.seconds
+        progress.wall_time = earlier + time.perf_counter() - started
+        if on_round is not None:
+            on_round(progress)
+
     try:
         result = strategy.start(
             grid=grid,
-            initial_arrays=state_to_record(reference),
+            initial_arrays=state_to_record(progress.state or reference),
             num_rounds=schedule.num_rounds,
             timeout=t.round_timeout,
             train_config=ConfigRecord(dict(continual_round_config(cfg))),
             evaluate_fn=tracker,
+            first_round=progress.round + 1,
+            on_round_end=round_end,
         )
     finally:
         tracker.close()
-    rounds = []
-    for rnd in range(schedule.num_rounds + 1):
-        ledger = strategy.ledger.get(rnd)
-        metrics = result.train_metrics_clientapp.get(rnd)
-        acc = tracker.per_round.get(rnd)
-        rounds.append(
-            {
-                "round": rnd,
-                "task": schedule.task_of(rnd) if rnd > 0 else None,
-                "accuracy": metric_value(result.evaluate_metrics_serverapp.get(rnd), R.ACCURACY),
-                "task_accuracy": acc.tolist() if acc is not None else None,
-                "seconds": tracker.seconds.get(rnd),
-                **(ledger or RoundLedger()).counters(),
-                "train_loss": metric_value(metrics, R.TRAIN_LOSS),
-                "penalty": metric_value(metrics, R.PENALTY),
-            }
-        )
     final = eval_student(spec, record_to_state(result.arrays)) if len(result.arrays) else initial
+    progress.wall_time = earlier + time.perf_counter() - started
     summary = {
         **summarize(tracker.matrix, tracker.baseline),
         "baseline": tracker.baseline.tolist(),
         "accuracy_per_round": {str(r): a.tolist() for r, a in sorted(tracker.per_round.items())},
-        "wall_time": time.perf_counter() - started,
+        "wall_time": progress.wall_time,
     }
-    return summary, rounds, final
+    return summary, list(progress.rounds), final
+
+
+def _round_record(
+    rnd: int,
+    schedule: TaskSchedule,
+    strategy: ContinualStrategy,
+    tracker: StreamTracker,
+    result: Result,
+) -> dict[str, Any]:
+    """One line of ``rounds.jsonl``: the round's task, scores, time, counters and losses."""
+    metrics = result.train_metrics_clientapp.get(rnd)
+    acc = tracker.per_round.get(rnd)
+    return {
+        "round": rnd,
+        "task": schedule.task_of(rnd) if rnd > 0 else None,
+        "accuracy": metric_value(result.evaluate_metrics_serverapp.get(rnd), R.ACCURACY),
+        "task_accuracy": acc.tolist() if acc is not None else None,
+        "seconds": tracker.seconds.get(rnd),
+        **strategy.ledger.get(rnd, RoundLedger()).counters(),
+        "train_loss": metric_value(metrics, R.TRAIN_LOSS),
+        "penalty": metric_value(metrics, R.PENALTY),
+    }
 
 
 Say = Callable[[str], None]
@@ -181,9 +224,10 @@ class NodeStart:
 
 
 def run_continual(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:
-    """The server side of a continual run, phase by phase: setup (streams, teacher,
-    initial student), node start, one federated run per method, the comparison. Returns
-    the run folder (see the module docstring)."""
+    """The server side of a continual run, phase by phase: resume point, setup (streams,
+    teacher, initial student), node start, one federated run per method (checkpointed
+    after every round, `edgekd.server.continual_resume`), the comparison. Returns the run
+    folder (see the module docstring)."""
     started = time.perf_counter()
     if not cfg.continual.scenario:
         raise ValueError("run_continual needs continual.scenario (class- or domain-incremental)")
@@ -196,25 +240,45 @@ def run_continual(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) 
         if show_progress:
             print(message, flush=True)
 
-    setup = continual_setup(cfg, methods, out_dir, say)
+    resume = continual_resume_point(cfg, out_dir)
+    setup = continual_setup(cfg, methods, out_dir, say, resume)
     common = common_report(cfg, setup, start_nodes(grid, cfg, say))
+    checkpointer = ContinualCheckpointer(
+        out_dir, cfg, state_sha256(model_state(setup.teacher)), resume.completed if resume else []
+    )
+    if resume is not None:  # as it was when the checkpoint was written
+        restore_rng(resume.rng)
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         folder = out_dir / method if len(methods) > 1 else out_dir
+        if method in checkpointer.completed:
+            results[method] = completed_summary(folder, method)
+            say(f"{method}: complete in the checkpoint, kept")
+            continue
+        progress = MethodProgress(method)
+        if resume is not None and resume.progress.method == method:
+            progress = resume.progress
+            say(f"{method}: resuming after round {progress.round}")
         results[method] = method_phase(
-            grid, cfg, method, setup, common, folder, say, show_progress=show_progress
+            grid, cfg, setup, common, folder, say, progress, checkpointer, show_progress
         )
+        checkpointer.method_done(progress)
     if len(methods) > 1:
         write_comparison(out_dir, cfg, common, results, time.perf_counter() - started)
     return out_dir
 
 
 def continual_setup(
-    cfg: EdgeKDConfig, methods: tuple[str, ...], out_dir: Path, say: Say
+    cfg: EdgeKDConfig,
+    methods: tuple[str, ...],
+    out_dir: Path,
+    say: Say,
+    resume: ContinualResume | None = None,
 ) -> ContinualSetup:
     """Seed, rebuild the clients' stream and the server's draw of every task, obtain the
-    teacher on the server's draw (saved as ``teacher.pt``), score it on every task, draw
-    the proxy set if a method of ``PROXY_METHODS`` runs, and build the seeded initial student."""
+    teacher on the server's draw (saved as ``teacher.pt``; a resumed run loads that file
+    and checks its hash), score it on every task, draw the proxy set if a method of
+    ``PROXY_METHODS`` runs, and build the seeded initial student."""
     seed_everything(cfg.seed)
     stream, server = client_stream(cfg), server_stream(cfg)
     public = _concat(server, "train")
@@ -228,19 +292,23 @@ def continual_setup(
     )
     teacher_spec = spec_for(stream.input_shape, stream.num_classes, cfg.model.teacher_width)
     student_spec = spec_for(stream.input_shape, stream.num_classes, cfg.model.student_width)
-    say(
-        f"teacher: loading {cfg.model.teacher_path}"
-        if cfg.model.teacher_path
-        else f"teacher: training on the server's {len(public)} samples of all {len(stream)} tasks "
-        f"({cfg.model.teacher_epochs} epochs)"
-    )
-    teacher = obtain_teacher(cfg, data, teacher_spec)
+    if resume is not None:
+        teacher = resumed_teacher(out_dir, teacher_spec, resume, say)
+    else:
+        say(
+            f"teacher: loading {cfg.model.teacher_path}"
+            if cfg.model.teacher_path
+            else f"teacher: training on the server's {len(public)} samples of all "
+            f"{len(stream)} tasks ({cfg.model.teacher_epochs} epochs)"
+        )
+        teacher = obtain_teacher(cfg, data, teacher_spec)
+        # Saved now, not at the end: a resumed run must go on with this very teacher.
+        save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
     teacher_acc = evaluate_stream(teacher, stream)
     say(f"teacher: accuracy per task {np.round(teacher_acc, 3).tolist()}")
     proxy = proxy_record_for(cfg, teacher, public) if set(methods) & set(PROXY_METHODS) else None
     torch.manual_seed(cfg.seed)
     initial = build_model(student_spec)  # the same random start for every method
-    save_checkpoint(teacher, teacher_spec, str(out_dir / "teacher.pt"))
     return ContinualSetup(
         stream=stream,
         student_spec=student_spec,
@@ -250,6 +318,23 @@ def continual_setup(
         proxy=proxy,
         initial=initial,
     )
+
+
+def resumed_teacher(out_dir: Path, spec: ModelSpec, resume: ContinualResume, say: Say) -> nn.Module:
+    """``out_dir/teacher.pt``, refused unless it is the teacher the checkpoint was made with."""
+    path = out_dir / "teacher.pt"
+    say(f"teacher: loading {path} (resume)")
+    try:
+        teacher, _ = load_checkpoint(str(path), expected=spec)
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"{path}: cannot load the run's teacher ({exc})") from None
+    sha256 = state_sha256(model_state(teacher))
+    if sha256 != resume.teacher_sha256:
+        raise ResumeError(
+            f"{path} is not the teacher the checkpoint was made with "
+            f"(sha256 {sha256[:12]}, checkpoint says {resume.teacher_sha256[:12]})"
+        )
+    return teacher.eval()
 
 
 def start_nodes(grid: Grid, cfg: EdgeKDConfig, say: Say) -> NodeStart:
@@ -295,18 +380,18 @@ def common_report(cfg: EdgeKDConfig, setup: ContinualSetup, nodes: NodeStart) ->
 def method_phase(
     grid: Grid,
     cfg: EdgeKDConfig,
-    method: str,
     setup: ContinualSetup,
     common: dict[str, Any],
     folder: Path,
     say: Say,
-    *,
+    progress: MethodProgress,
+    checkpointer: ContinualCheckpointer,
     show_progress: bool,
 ) -> dict[str, Any]:
-    """One method from the common start (`run_method` on a copy of the initial student),
-    its report written to ``folder`` (`write_method_folder`); returns its ``continual``
-    summary."""
-    cl = cfg.continual
+    """One method from the common start (`run_method` on a copy of the initial student, or
+    on from ``progress``), checkpointed after every round, its report written to
+    ``folder`` (`write_method_folder`); returns its ``continual`` summary."""
+    cl, method = cfg.continual, progress.method
     say(f"{method}: {cl.tasks} tasks x {cl.rounds_per_task} rounds")
     summary, rounds, student = run_method(
         grid,
@@ -317,6 +402,8 @@ def method_phase(
         copy.deepcopy(setup.initial),
         proxy_record=setup.proxy,
         show_progress=show_progress,
+        progress=progress,
+        on_round=checkpointer.round_done,
     )
     report = method_report(cfg, common, method, summary, rounds)
     write_method_folder(folder, report, rounds, summary, method, student, setup.student_spec)

@@ -1,13 +1,19 @@
 """`edgekd simulate --scenario ...` end to end on Flower's Ray simulation engine (tiny, seeded):
-all seven methods on a two-task class-incremental stream, one round per task."""
+all seven methods on a two-task class-incremental stream, one round per task; and a run
+interrupted with Ctrl-C that resumes on fresh nodes."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+from processes import BIN_DIR, flower_env_for, kill_tagged  # tests/integration/processes.py
 
 from edgekd.cli.main import main
 from edgekd.core.config import CONTINUAL_METHODS
@@ -98,3 +104,77 @@ def test_simulate_continual_writes_every_methods_report(
     kd = json.loads((out / "teacher-kd" / "report.json").read_text())
     # The proxy set went to each of the 3 nodes in round 1 only.
     assert kd["rounds"][1]["bytes_down"] > kd["rounds"][2]["bytes_down"]
+
+
+RESUME_ARGS = [
+    "simulate",
+    "--scenario",
+    "class-incremental",
+    "--tasks",
+    "3",
+    "--rounds-per-task",
+    "2",
+    "--cl-method",
+    "ewc",
+    "--num-clients",
+    "3",
+    "--partition",
+    "iid",
+    "--seed",
+    "0",
+    *SMALL,
+    "--set",
+    "train.local-epochs=30",  # about 2 s a round here: time to interrupt mid-run
+]
+
+
+def _checkpoint_round(out: Path) -> int:
+    from edgekd.server.checkpoint import ResumeError, load_run_checkpoint
+
+    try:
+        return load_run_checkpoint(out).round
+    except ResumeError:  # not written yet
+        return 0
+
+
+def test_an_interrupted_continual_simulation_resumes_on_fresh_ray_nodes(tmp_path: Path) -> None:
+    # Prepare: the reference run; then a real `edgekd simulate` process, stopped with
+    # Ctrl-C (SIGINT) once it has checkpointed round 2 of 6, which takes Ray's nodes
+    # and their EWC state (Fisher, anchor) with it.
+    tag = uuid.uuid4().hex
+    env = flower_env_for(tmp_path / "cache", tag)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main([*RESUME_ARGS, "--out", str(whole)]) == 0
+    command = [str(BIN_DIR / "edgekd"), *RESUME_ARGS, "--out", str(broken)]
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) as run:
+            deadline = time.monotonic() + 300
+            while _checkpoint_round(broken) < 2 and run.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint of round 2 in 300 s"
+                time.sleep(0.2)
+            run.send_signal(signal.SIGINT)
+            run.wait(timeout=60)
+    finally:
+        kill_tagged(tag)
+    stopped_at = _checkpoint_round(broken)
+    assert 2 <= stopped_at < 6, f"the run was not interrupted mid-way (round {stopped_at})"
+    assert not (broken / "report.json").exists()
+
+    # Execute
+    code = main([*RESUME_ARGS, "--out", str(broken), "--set", "resume=true"])
+
+    # Assert: the same accuracy matrix and rounds as the uninterrupted run; the nodes
+    # that the resumed server met got the task-start history, so the EWC penalty of
+    # every later round is on (a node that started over would have none in task 1).
+    assert code == 0
+    got = json.loads((broken / "report.json").read_text())
+    expected = json.loads((whole / "report.json").read_text())
+    assert got["continual"]["ewc"]["matrix"] == pytest.approx(
+        expected["continual"]["ewc"]["matrix"], abs=0.005
+    )
+    assert [r["round"] for r in got["rounds"]] == list(range(7))
+    assert all(r["penalty"] > 0 for r in got["rounds"][3:])
+    assert (
+        got["rounds"][stopped_at + 1]["bytes_down"]
+        > expected["rounds"][stopped_at + 1]["bytes_down"]
+    )
