@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgekd.cli.preflight import UsageError, build_config, continual_preflight, preflight
 from edgekd.core.config import (
@@ -94,22 +94,44 @@ def _run_simulation(
     from flwr.simulation import run_simulation
 
     cpus = os.cpu_count() or 1
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False},
-        },
-        verbose_logging=verbose,
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False},
+            },
+            verbose_logging=verbose,
+        )
+    except KeyboardInterrupt:
+        _leave_interrupted(Path(cfg.out_dir))
     report_path = Path(cfg.out_dir) / "report.json"
     if not report_path.exists():
         raise UsageError(
             f"the simulation ended without a report ({report_path}); rerun with --verbose"
         )
     return report_path
+
+
+def _leave_interrupted(out_dir: Path) -> NoReturn:
+    """Ctrl-C during a simulation: exit now, with status 130.
+
+    Flower's simulation engine takes the KeyboardInterrupt in the main thread only; its
+    server thread goes on waiting for nodes that have stopped (the message timeout, 10
+    minutes a round), so returning normally would leave the process hanging for an
+    hour. Leaving at once loses nothing saved: every round's checkpoint is written to a
+    temporary file and renamed into place, and Ray's local processes share the driver's
+    fate."""
+    print(
+        f"\nedgekd simulate: interrupted; continue from the last completed round with "
+        f"the same command and --set resume=true (run folder {out_dir})",
+        file=sys.stderr,
+        flush=True,
+    )
+    logging.shutdown()
+    os._exit(130)
 
 
 def _quiet_flower(verbose: bool) -> None:
