@@ -7,7 +7,6 @@ report is refused before anything is written."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,16 +46,6 @@ class Nodes:
             self.history += R.HISTORY in msg.content.array_records
         return self.app(msg, self.contexts[node]).content
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The nodes run in this process and set torch to one thread on their first round: the
-    server's teacher must train under the same thread count in every run of a test, or
-    its float sums (and so teacher-kd's student) differ in the last bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(out_dir: Path, **extra: object) -> EdgeKDConfig:
