@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edgekd.cli.preflight import UsageError, build_config, continual_preflight, preflight
+from edgekd.cli.ray_cluster import backend_config, check_ray_address, ray_address
 from edgekd.core.config import (
     CONTINUAL_METHODS,
     CONTINUAL_SCENARIOS,
@@ -45,6 +46,7 @@ def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
         "continual.tasks": args.tasks,
         "continual.rounds-per-task": args.rounds_per_task,
         "continual.method": args.cl_method,
+        "sim.ray-address": args.ray_address,
     }
     cfg = build_config(args.config, args.set, flags)
     continual_flags = (args.tasks, args.rounds_per_task, args.cl_method)
@@ -63,6 +65,7 @@ def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
+    check_ray_address(ray_address(cfg))
     # Before Ray or any training: a finished run is never overwritten without --force.
     claim_run_folder(cfg.out_dir, force=args.force or cfg.resume)
     if cfg.continual.scenario:
@@ -90,19 +93,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _run_simulation(
     server_app: Any, client_app: Any, cfg: EdgeKDConfig, num_clients: int, verbose: bool
 ) -> Path:
-    """Flower's Ray simulation, one CPU per simulated client; the report's path."""
+    """Flower's Ray simulation (local, or the cluster of `ray_cluster`); the report's path."""
     from flwr.simulation import run_simulation
 
-    cpus = os.cpu_count() or 1
+    if address := ray_address(cfg):
+        print(
+            f"edgekd simulate: attaching to the Ray cluster at {address} "
+            f"({cfg.sim.client_cpus:g} CPU, {cfg.sim.client_gpus:g} GPU per simulated node)",
+            flush=True,
+        )
     try:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": cpus, "include_dashboard": False},
-            },
+            backend_config=backend_config(cfg),
             verbose_logging=verbose,
         )
     except KeyboardInterrupt:
@@ -357,6 +362,12 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="FAULT=SHARE,...",
         help="fault drill: a share of the nodes misbehave from round 1, e.g. "
         "'scale:1e6=0.1,nan=0.05,examples:1e9=0.05' (scale:<k>, nan, examples:<n>)",
+    )
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the simulated nodes on this Ray cluster (`ray start --head`) instead of a "
+        "local instance; $RAY_ADDRESS also does",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
     cont = sim.add_argument_group("continual learning (tasks arrive one after another)")

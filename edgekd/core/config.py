@@ -158,6 +158,17 @@ class ContinualConfig:
 
 
 @dataclass(frozen=True)
+class SimConfig:
+    """Where `edgekd simulate` runs its simulated nodes (Flower's Ray engine)."""
+
+    # "" = $RAY_ADDRESS if set, else a private local Ray instance; host:port or "auto"
+    # attaches to a running cluster (`ray start --head`) instead
+    ray_address: str = ""
+    client_cpus: float = 1.0  # Ray CPUs per simulated node: the cluster runs CPUs/this at once
+    client_gpus: float = 0.0  # Ray GPUs per simulated node (0.5: two nodes share a GPU)
+
+
+@dataclass(frozen=True)
 class EdgeKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +176,7 @@ class EdgeKDConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     seed: int = 42
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
@@ -297,6 +309,8 @@ class EdgeKDConfig:
         )
         _check(c.end_round >= c.start_round, "compression.end-round must be >= start-round")
         self._validate_continual()
+        _check(self.sim.client_cpus > 0, "sim.client-cpus must be > 0")
+        _check(self.sim.client_gpus >= 0, "sim.client-gpus must be >= 0")
 
     def _validate_continual(self) -> None:
         cl = self.continual

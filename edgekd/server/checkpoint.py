@@ -28,7 +28,19 @@ from edgekd.core.errors import EdgeKDError
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its resumption.
-RESUMABLE_KEYS = frozenset({"resume", "out-dir", "train.round-timeout", "train.num-rounds"})
+# Keys a resumed run may change: they do not change what it computes. The sim.* keys
+# say where the simulated nodes run (another Ray cluster, more CPUs per node).
+RESUMABLE_KEYS = frozenset(
+    {
+        "resume",
+        "out-dir",
+        "train.round-timeout",
+        "train.num-rounds",
+        "sim.ray-address",
+        "sim.client-cpus",
+        "sim.client-gpus",
+    }
+)
 
 _META = "__meta__"
 _STATE, _PRUNER, _RNG, _ARRAYS = "state/", "pruner/", "rng/", "arrays/"

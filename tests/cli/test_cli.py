@@ -31,6 +31,8 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--set", "novalue"], "--set expects key=value"),
         (["--config", "missing.toml"], "config file not found: missing.toml"),
         (["--dataset", "mnist", "--data-dir", "nowhere"], "nowhere"),
+        (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+        (["--set", "sim.client-cpus=0"], "sim.client-cpus must be > 0"),
     ],
 )
 def test_bad_input_exits_with_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
