@@ -66,11 +66,12 @@ def simulate_config(args: argparse.Namespace) -> EdgeKDConfig:
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
     check_ray_address(ray_address(cfg))
-    # Before Ray or any training: a finished run is never overwritten without --force.
+    # Input checks first, so refused input leaves no folder behind; then, before Ray or
+    # any training, a finished run is never overwritten without --force.
+    (continual_preflight if cfg.continual.scenario else preflight)(cfg)
     claim_run_folder(cfg.out_dir, force=args.force or cfg.resume)
     if cfg.continual.scenario:
         return simulate_continual(cfg, args)
-    preflight(cfg)
 
     from edgekd.client.app import make_client_app
     from edgekd.server.app import make_server_app
@@ -150,7 +151,6 @@ def _quiet_flower(verbose: bool) -> None:
 def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
     """``edgekd simulate --scenario ...``: a continual run (one method, or ``all`` of them on
     the same stream, teacher and initial student), ending with a comparison table."""
-    continual_preflight(cfg)
 
     # The ordinary apps hand a run with continual.scenario to the continual handlers.
     from edgekd.client.app import make_client_app

@@ -32,14 +32,16 @@ def test_bad_continual_input_exits_with_one_line(
 
 
 def test_teacher_of_another_architecture_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = spec_for((1, 8, 8), 10, 4)  # a digits teacher, offered for an mnist1d stream
     save_checkpoint(build_model(spec), spec, str(tmp_path / "t.pt"))
+    monkeypatch.chdir(tmp_path)
     args = ["--scenario", "class-incremental", "--teacher", str(tmp_path / "t.pt")]
     code = main(["simulate", *args, "--set", "continual.samples-per-task=100"])
     assert code == 2
     assert "another architecture" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
 
 
 def test_continual_table_is_markdown_with_one_row_per_method() -> None:
