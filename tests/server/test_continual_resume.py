@@ -47,7 +47,6 @@ class Nodes:
         return self.app(msg, self.contexts[node]).content
 
 
-
 def _cfg(out_dir: Path, **extra: object) -> EdgeKDConfig:
     """Three tiny class-incremental tasks, two rounds each, two IID nodes."""
     return EdgeKDConfig().with_overrides(
