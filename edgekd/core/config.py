@@ -75,6 +75,7 @@ class TrainConfig:
     clip_norm: float = 2.0  # bounds the step when a tiny class has a large weight
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.25  # federated evaluation on a sample of clients
+    max_evaluate_nodes: int = 50  # ... of at most this many a round (0 = no cap)
     min_nodes: int = 2
     warm_start_epochs: int = 60  # server-side KD on the public split before round 1
     warm_start_lr: float = 0.0  # Adam, cosine; 0 = model.teacher-lr (the teacher's recipe)
@@ -245,6 +246,7 @@ class EdgeKDConfig:
         _check(t.clip_norm >= 0, "train.clip-norm must be >= 0 (0 disables clipping)")
         _check(0.0 < t.fraction_train <= 1.0, "train.fraction-train must be in (0, 1]")
         _check(0.0 <= t.fraction_evaluate <= 1.0, "train.fraction-evaluate must be in [0, 1]")
+        _check(t.max_evaluate_nodes >= 0, "train.max-evaluate-nodes must be >= 0 (0: no cap)")
         _check(t.min_nodes >= 1, "train.min-nodes must be >= 1")
         _check(t.round_timeout > 0, "train.round-timeout must be > 0")
         _check(0.0 <= t.min_fraction <= 1.0, "train.min-fraction must be in [0, 1]")

@@ -204,6 +204,7 @@ def make_strategy(
         aggregator=robust_aggregator(t.aggregation, t.server_lr, t.server_momentum),
         node_wait=t.round_timeout,
         min_fraction=t.min_fraction,
+        max_evaluate_nodes=t.max_evaluate_nodes,
         max_examples=t.max_examples,
         norm_bound=t.norm_bound,
         fraction_train=t.fraction_train,

@@ -21,6 +21,8 @@ class RoundLedger:
     rejected: int = 0
     clipped: int = 0  # accepted updates whose norm was scaled down to the round's bound
     eval_rejected: int = 0  # evaluation replies that failed validation
+    empty: int = 0  # valid training replies with 0 examples (an empty share): not averaged
+    eval_empty: int = 0  # the same for evaluation replies
     skipped: int = 0  # 1 when the round kept the old student (too few updates, or it failed)
     reasons: list[str] = field(default_factory=list)
 

@@ -9,7 +9,10 @@ divide by the sum of ``num-examples``):
   the strategy's key (training) or none (evaluation), one MetricRecord ``metrics`` with
   exactly the expected keys, no ConfigRecord;
 * `checked_metrics`: every metric a finite number (not a bool or a list),
-  ``num-examples`` an integer in ``[1, max_examples]``, ``accuracy`` in [0, 1];
+  ``num-examples`` an integer in ``[1, max_examples]``, ``accuracy`` in [0, 1]; a reply
+  that is valid but reports 0 examples (a node whose share is empty, common when a
+  fleet of thousands splits a small pool) raises `EmptyReply`: counted, never averaged,
+  not logged as an attack;
 * `bounded_weights`: ``num-examples`` as an averaging weight is capped at
   `WEIGHT_CAP` times the round's median, so a node that inflates its count within the
   bound still cannot take the average over;
@@ -34,6 +37,7 @@ from edgekd.wire.payload import PayloadError
 
 __all__ = [
     "EVALUATE_METRIC_KEYS",
+    "EmptyReply",
     "TRAIN_METRIC_KEYS",
     "WEIGHT_CAP",
     "bounded_weights",
@@ -48,6 +52,10 @@ EVALUATE_METRIC_KEYS = frozenset({R.ACCURACY, R.LOSS, R.NUM_EXAMPLES})
 # An averaging weight is at most this many times the round's median num-examples:
 # Dirichlet(0.1) partitions of the default run stay within 5x, a liar gets 10x at most.
 WEIGHT_CAP = 10.0
+
+
+class EmptyReply(PayloadError):
+    """A well-formed reply from a node with no examples: nothing to average."""
 
 
 def check_reply_layout(msg: Message, array_key: str | None) -> None:
@@ -69,7 +77,8 @@ def checked_metrics(
 ) -> MetricRecord:
     """``record`` with ``num-examples`` as an int, or `PayloadError` naming the first
     problem: missing or unexpected keys, a value that is not one finite number,
-    ``num-examples`` outside ``[1, max_examples]`` or not whole, accuracy outside [0, 1]."""
+    ``num-examples`` outside ``[1, max_examples]`` or not whole, accuracy outside [0, 1];
+    `EmptyReply` for ``num-examples`` 0."""
     keys = set(record.keys())
     if keys != expected_keys:
         missing, extra = sorted(expected_keys - keys), sorted(keys - expected_keys)
@@ -82,6 +91,8 @@ def checked_metrics(
             raise PayloadError(f"metric '{key}' is {value}")
         out[key] = value
     examples = cast(float, out[R.NUM_EXAMPLES])
+    if examples == 0:
+        raise EmptyReply("num-examples 0: the node holds no data for this")
     if examples != int(examples) or not 1 <= examples <= max_examples:
         raise PayloadError(
             f"num-examples {examples} is not a whole number in [1, {max_examples}] "

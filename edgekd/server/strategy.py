@@ -45,6 +45,7 @@ from edgekd.server.node_wire import Masks, NodeWire, RoundWire, WireFormat
 from edgekd.server.replies import (
     EVALUATE_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
+    EmptyReply,
     bounded_weights,
     check_reply_layout,
     checked_metrics,
@@ -120,6 +121,7 @@ class EdgeKDStrategy(FedAvg):
         aggregator: FedAvg | None = None,
         node_wait: float = 600.0,
         min_fraction: float = 0.0,
+        max_evaluate_nodes: int = 0,
         max_examples: int = 1_000_000,
         norm_bound: float = 0.0,
         train_metric_keys: frozenset[str] = TRAIN_METRIC_KEYS,
@@ -129,6 +131,7 @@ class EdgeKDStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.node_wait = node_wait
         self.min_fraction = min_fraction
+        self.max_evaluate_nodes = max_evaluate_nodes
         # Reply validation (edgekd.server.replies): the metrics each kind of reply
         # carries, the largest num-examples believed, and the update-norm bound
         # (a multiple of the round's median change; 0 = off).
@@ -182,6 +185,21 @@ class EdgeKDStrategy(FedAvg):
             yield
         finally:
             self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    @contextmanager
+    def _evaluate_cap(self, grid: Grid) -> Iterator[None]:
+        """Sample at most ``max_evaluate_nodes`` nodes for federated evaluation: in a fleet
+        of 10 000, ``fraction_evaluate`` 0.25 would ask 2 500 nodes a round, each to
+        score a handful of local samples (0 = no cap)."""
+        configured = self.fraction_evaluate
+        count = len(list(grid.get_node_ids()))
+        if self.max_evaluate_nodes and count * configured > self.max_evaluate_nodes:
+            # int(count * fraction) is what Flower samples; +0.5 keeps float error out
+            self.fraction_evaluate = (self.max_evaluate_nodes + 0.5) / count
+        try:
+            yield
+        finally:
+            self.fraction_evaluate = configured
 
     def start(  # two keyword-only additions
         self,
@@ -247,7 +265,7 @@ class EdgeKDStrategy(FedAvg):
         masks = wire.masks if wire is not None else {}
         state = record_to_state(arrays)
         config = self.node_wire.config_with_keys(config, server_round, state, masks)
-        with self._available_nodes(grid):
+        with self._available_nodes(grid), self._evaluate_cap(grid):
             messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         ledger = self.ledger.setdefault(server_round, RoundLedger())
         ledger.eval_messages += len(messages)
@@ -289,6 +307,9 @@ class EdgeKDStrategy(FedAvg):
                     self.evaluate_metric_keys,
                     self.max_examples,
                 )
+            except EmptyReply:
+                ledger.eval_empty += 1
+                continue
             except PayloadError as exc:
                 ledger.eval_rejected += 1
                 ledger.reasons.append(f"node {node} (evaluate): {exc}")
@@ -327,6 +348,10 @@ class EdgeKDStrategy(FedAvg):
                 continue
             try:
                 state, reported = self._checked_update(msg, wire, ledger)
+            except EmptyReply:
+                ledger.empty += 1
+                self.node_wire.replied(node, wire, trained=True)
+                continue
             except Exception as exc:  # noqa: BLE001 - any reply that breaks a check is one rejected reply
                 reason = (
                     str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"

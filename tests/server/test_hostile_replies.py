@@ -74,7 +74,6 @@ def _run(
         (_extra_array_record, "array records ['arrays', 'other']"),
         (_config_record, "unexpected config records ['cfg']"),
         (lambda: _content(**{R.NUM_EXAMPLES: -30}), "num-examples -30 is not"),
-        (lambda: _content(**{R.NUM_EXAMPLES: 0}), "num-examples 0 is not"),
         (lambda: _content(**{R.NUM_EXAMPLES: float("nan")}), "metric 'num-examples' is nan"),
         (lambda: _content(**{R.NUM_EXAMPLES: float("inf")}), "metric 'num-examples' is inf"),
         (lambda: _content(**{R.NUM_EXAMPLES: 10**9}), "not a whole number in [1, 1000000]"),
@@ -109,8 +108,20 @@ def test_every_node_claiming_zero_examples_skips_the_round_not_the_run(aggregati
     result = strategy.start(grid, state_to_record(REFERENCE), num_rounds=2)
 
     assert [strategy.ledger[r].skipped for r in (1, 2)] == [1, 1]
-    assert strategy.ledger[1].rejected == 3
+    assert (strategy.ledger[1].empty, strategy.ledger[1].rejected) == (3, 0)
     assert result.arrays is not None
+
+
+def test_a_node_with_an_empty_share_is_counted_not_rejected_and_not_averaged() -> None:
+    # A fleet of thousands splitting a small pool leaves honest nodes with no examples:
+    # their replies are valid, carry no weight, and are not reported as attacks.
+    strategy, final = _run(lambda: _content(100.0, **{R.NUM_EXAMPLES: 0}))
+
+    for rnd in (1, 2):
+        ledger = strategy.ledger[rnd]
+        assert (ledger.replies, ledger.empty, ledger.rejected, ledger.skipped) == (4, 1, 0, 0)
+        assert ledger.reasons == []
+    np.testing.assert_allclose(final["w"], HONEST)
 
 
 def test_inflated_examples_within_the_bound_are_capped_at_ten_medians() -> None:

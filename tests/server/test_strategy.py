@@ -560,3 +560,24 @@ def test_server_momentum_steps_against_the_round_s_own_global() -> None:
     # (v1 = 1, v2 = 1.5, v3 = 1.75), never from FedAvgM's own last average
     assert seen == pytest.approx([1.0, 0.75 + 1.5, 0.75 + 1.5 - 0.25 + 1.75])
     assert robust_aggregator("fedavg") is None
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(50, 50), (0, 2500), (5000, 2500)])
+def test_federated_evaluation_asks_at_most_max_evaluate_nodes(cap: int, expected: int) -> None:
+    # 10 000 nodes at fraction-evaluate 0.25 would be 2 500 evaluations a round.
+    strategy = EdgeKDStrategy(
+        reference_state=REFERENCE,
+        fraction_evaluate=0.25,
+        min_evaluate_nodes=2,
+        min_available_nodes=1,
+        max_evaluate_nodes=cap,
+    )
+    grid = FakeGrid(list(range(1, 10_001)), lambda node, msg: _update(1.0))
+
+    messages = list(
+        strategy.configure_evaluate(1, state_to_record(REFERENCE), ConfigRecord(), grid)
+    )
+
+    assert len(messages) == expected
+    assert len({m.metadata.dst_node_id for m in messages}) == expected
+    assert strategy.fraction_evaluate == 0.25  # restored for the next round
