@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekd.core.config import CONTINUAL_SCENARIOS
-from edgekd.core.data import ArrayDataset, _mnist1d, generate_mnist1d, partition_indices
+from edgekd.core.data import ArrayDataset, _mnist1d, generate_mnist1d, partition_of
 
 __all__ = [
     "DOMAIN_HARDEST",
@@ -218,7 +218,7 @@ def task_client_split(
 ) -> ArrayDataset:
     """One client's non-IID share of ``task``'s training set.
 
-    The partition is `edgekd.core.data.partition_indices` (flwr-datasets' IID, Dirichlet
+    The partition is `edgekd.core.data.partition_of` (flwr-datasets' IID, Dirichlet
     or pathological partitioner) on the task's labels, seeded by ``(seed, task.id)`` so each
     task is cut afresh while every client computes the same cut without coordination. A
     pure function of ``(task, partition, client_id, num_clients, seed)``.
@@ -239,7 +239,7 @@ def task_client_split(
     if not 0 <= client_id < num_clients:
         raise ValueError(f"client_id {client_id} outside [0, {num_clients})")
     task_seed = int(np.random.SeedSequence([seed, 11, task.id]).generate_state(1)[0])
-    index = partition_indices(task.y_train, partition, num_clients, task_seed)[client_id]
+    index = partition_of(task.y_train, partition, num_clients, task_seed, client_id)
     index = np.random.default_rng([seed, 13, task.id, client_id]).permutation(index)
     return task.train.subset(index)
 

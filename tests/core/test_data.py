@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from edgekd.core.config import DataConfig
+from edgekd.core.data import _partition_of as cached_shares
+from edgekd.core.data import _partitioner as cached_partitioner
 from edgekd.core.data import (
     client_split,
     load_federated_data,
     partition_indices,
+    partition_of,
     shift_images,
 )
 
@@ -54,6 +57,21 @@ def test_partitions_cover_the_pool_without_overlap(spec: str) -> None:
     assert len(np.unique(joined)) == len(joined)  # no sample in two clients
     if spec == "iid":
         assert sorted(joined.tolist()) == list(range(2000))
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "pathological:2"])
+def test_one_clients_share_alone_is_its_share_of_the_whole_cut(spec: str) -> None:
+    # A simulated node asks for its own share first, in a process that has cut nothing.
+    labels = np.random.default_rng(0).integers(0, 10, size=3000)
+    whole = partition_indices(labels, spec, 300, seed=7)
+    cached_partitioner.cache_clear()
+    cached_shares.cache_clear()
+
+    alone = [partition_of(labels, spec, 300, seed=7, partition_id=pid) for pid in (299, 5, 0)]
+
+    for pid, share in zip((299, 5, 0), alone, strict=True):
+        np.testing.assert_array_equal(share, whole[pid])
+    assert sum(len(w) for w in whole) == 3000
 
 
 def test_pathological_gives_k_classes_per_client() -> None:
