@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from edgekd.cli.preflight import UsageError, build_config, continual_preflight, preflight
 from edgekd.cli.ray_cluster import backend_config, check_ray_address, ray_address
+from edgekd.cli.sim_poller import pending_inbox_poller
 from edgekd.core.config import (
     CONTINUAL_METHODS,
     CONTINUAL_SCENARIOS,
@@ -104,13 +105,14 @@ def _run_simulation(
             flush=True,
         )
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config=backend_config(cfg),
-            verbose_logging=verbose,
-        )
+        with pending_inbox_poller():  # Flower's polls every node 10x a second
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
     except KeyboardInterrupt:
         _leave_interrupted(Path(cfg.out_dir))
     report_path = Path(cfg.out_dir) / "report.json"
