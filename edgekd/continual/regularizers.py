@@ -19,6 +19,7 @@ a client calls them on the first and last round of a task and keeps the state in
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -498,7 +499,11 @@ class ReplayProxy(ContinualRegularizer):
             )
         self._x = proxy_x
         self._labels = np.asarray(proxy_probs).argmax(axis=1).astype(np.int64)
-        self._seen: list[int] = []
+        self._set_seen([])
+
+    def _set_seen(self, seen: Iterable[int]) -> None:
+        self._seen = sorted({int(c) for c in seen})
+        self._pool = np.flatnonzero(np.isin(self._labels, self._seen))  # once, not per batch
 
     @property
     def seen_classes(self) -> tuple[int, ...]:
@@ -506,12 +511,12 @@ class ReplayProxy(ContinualRegularizer):
 
     def pool(self) -> np.ndarray:
         """Indices of the proxy samples that may be replayed now."""
-        return np.flatnonzero(np.isin(self._labels, self._seen))
+        return self._pool
 
     def after_task(
         self, model: nn.Module, task: Task, x_train: np.ndarray, y_train: np.ndarray
     ) -> None:
-        self._seen = sorted(set(self._seen) | set(task.classes))
+        self._set_seen([*self._seen, *task.classes])
 
     def extra_batch(
         self, batch_size: int, generator: torch.Generator
@@ -526,7 +531,7 @@ class ReplayProxy(ContinualRegularizer):
         return {"seen_classes": np.asarray(self._seen, dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self._seen = [int(c) for c in state["seen_classes"]]
+        self._set_seen(state["seen_classes"])
 
 
 def _unprefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, Tensor]:
