@@ -153,7 +153,6 @@ def _quiet_flower(verbose: bool) -> None:
 def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
     """``edgekd simulate --scenario ...``: a continual run (one method, or ``all`` of them on
     the same stream, teacher and initial student), ending with a comparison table."""
-
     # The ordinary apps hand a run with continual.scenario to the continual handlers.
     from edgekd.client.app import make_client_app
     from edgekd.server.app import make_server_app

@@ -33,13 +33,18 @@ class FakeLinkState:
         return []
 
 
-def _poll(state: Any, nodes: dict[int, int], original: Any = None) -> Queue[Any]:
+def _poll(state: Any, nodes: dict[int, int], original: Any = None, expect: int = 0) -> Queue[Any]:
+    """Run the poller until ``expect`` messages are queued (10 s at most), then one more
+    poll interval, so that a loaded host only makes it slower, not different."""
     queue: Queue[Any] = Queue()
     stop = threading.Event()
     poller = make_pending_poller(original or (lambda *a: None))
     thread = threading.Thread(target=poller, args=(state, queue, nodes, stop))
     thread.start()
-    time.sleep(0.35)  # three polls
+    deadline = time.monotonic() + 10
+    while queue.qsize() < expect and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.25)  # further polls find nothing left to deliver
     stop.set()
     thread.join(timeout=5)
     return queue
@@ -50,9 +55,9 @@ def test_only_nodes_with_undelivered_messages_are_asked_in_node_order() -> None:
     state = FakeLinkState(store)
     nodes = {n: n for n in range(10_000)}
 
-    queue = _poll(state, nodes)
+    queue = _poll(state, nodes, expect=3)
 
-    # Flower's poller would ask all 10 000 nodes three times; node 7's second message
+    # Flower's poller would ask all 10 000 nodes every poll; node 7's second message
     # goes out on the next poll, as with Flower's limit=1.
     assert state.asked[:2] == [3, 7] and state.asked[2:3] == [7]
     assert sorted(state.asked) == [3, 7, 7]
