@@ -13,7 +13,10 @@ LiteRT graphs here have a static batch size; the converter downcasts int64 input
   INT8 weights (dynamic-range) through ``ai_edge_quantizer``;
 * :func:`export_features_tflite`: the frozen feature extractor, signature ``features``;
 * :func:`export_head_step_tflite`: one file with a ``train`` signature
-  (`edgekd.deploy.head_step.HeadKDStep`) and an ``infer`` signature (head logits).
+  (`edgekd.deploy.head_step.HeadKDStep`) and an ``infer`` signature (head logits);
+* :func:`export_train_step_tflite`: the whole student's step
+  (`edgekd.deploy.train_step.StudentKDStep`, signature ``train``) and its logits with
+  the tensors as inputs (``infer``).
 
 Never imports flwr.
 """
@@ -33,6 +36,14 @@ from edgekd.deploy.head_step import (
     example_head_step_inputs,
     split_student,
 )
+from edgekd.deploy.step_layout import StepLayout
+from edgekd.deploy.train_step import (
+    StudentKDStep,
+    StudentLogits,
+    example_infer_inputs,
+    example_step_inputs,
+    student_layers,
+)
 
 __all__ = [
     "FEATURES_SIGNATURE",
@@ -42,6 +53,7 @@ __all__ = [
     "export_features_tflite",
     "export_head_step_tflite",
     "export_student_tflite",
+    "export_train_step_tflite",
     "is_litert_torch_available",
 ]
 
@@ -148,6 +160,35 @@ def export_head_step_tflite(num_features: int, num_classes: int, batch_size: int
     edge = (
         litert_torch.signature(TRAIN_SIGNATURE, HeadKDStep().eval(), train_args)
         .signature(INFER_SIGNATURE, HeadLogits().eval(), infer_args)
+        .convert()
+    )
+    return bytes(edge.model_content())
+
+
+def export_train_step_tflite(model: nn.Module, layout: StepLayout, batch_size: int) -> bytes:
+    """The whole-student step of ``model`` as one ``.tflite`` file with two signatures:
+
+    * ``train``: `edgekd.deploy.train_step.StudentKDStep` (inputs in the order of
+      ``layout.input_names()``, scalars 0-d, labels int32 after conversion, label ``-1``
+      marks a padded row), outputs in the order of ``layout.output_names()``;
+    * ``infer``: the logits, inputs ``x`` and the student's tensors.
+
+    Static batch ``batch_size`` for both.
+    """
+    _check_batch(batch_size)
+    litert_torch = _litert_torch()
+    layers, names = student_layers(model), list(layout.names)
+    edge = (
+        litert_torch.signature(
+            TRAIN_SIGNATURE,
+            StudentKDStep(layers, names, layout.optimizer).eval(),
+            example_step_inputs(layout, batch_size),
+        )
+        .signature(
+            INFER_SIGNATURE,
+            StudentLogits(layers, names).eval(),
+            example_infer_inputs(layout, batch_size),
+        )
         .convert()
     )
     return bytes(edge.model_content())

@@ -24,6 +24,8 @@ import pytest
         "edgekd.core.round_settings",
         "edgekd.core.class_weights",
         "edgekd.deploy.runtimes",
+        "edgekd.deploy.step_layout",
+        "edgekd.deploy.step_runtime",
         "edgekd.deploy.signing",
         "edgekd.deploy.host",
         "edgekd.client.edge_client",

@@ -17,11 +17,15 @@ Writes, next to this script, for the width-8 fixture student ``student_w8.pt``:
   make INT8 flip too many predictions for a device profile's parity check);
 * ``bundles/android-w8/``: an ``android`` device bundle of the trained one
   (`edgekd deploy build`), for the end-to-end test of LiteRT nodes
-  (tests/integration/test_edge_nodes.py).
+  (tests/integration/test_edge_nodes.py);
+* ``train_steps/train_step_<family>_<optimizer>_b16.tflite``: the whole-student step
+  (`edgekd.deploy.train_step`, signatures ``train`` and ``infer``) of every student in
+  ``tests/deploy/step_models.py``, for Adam and SGD (``--steps`` writes only these).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from edgekd.deploy.bundle import build_bundle
@@ -61,8 +65,30 @@ def train_student(source: Path, out: Path) -> None:
     save_checkpoint(student, spec, str(out))
 
 
+def write_step_fixtures(here: Path) -> None:
+    """The step graphs of the test students (weights are graph inputs: shapes only)."""
+    from edgekd.deploy.tflite_export import export_train_step_tflite
+    from edgekd.deploy.train_step import layout_for
+
+    sys.path.insert(0, str(here.parent / "deploy"))
+    from step_models import MODELS, NUM_CLASSES, TFLITE_BATCH, tflite_fixture_name
+
+    folder = here / "train_steps"
+    folder.mkdir(exist_ok=True)
+    for family, make in MODELS.items():
+        for optimizer in ("adam", "sgd"):
+            model, shape = make()
+            layout = layout_for(model, shape, NUM_CLASSES, optimizer)
+            data = export_train_step_tflite(model, layout, TFLITE_BATCH)
+            (folder / tflite_fixture_name(family, optimizer)).write_bytes(data)
+            print(f"wrote {tflite_fixture_name(family, optimizer)} ({len(data)} bytes)")
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
+    write_step_fixtures(here)
+    if "--steps" in sys.argv:
+        return
     model, spec = load_checkpoint(str(here / "student_w8.pt"))
     _, head = split_student(model)
     input_shape = (spec.in_channels, spec.input_size)
