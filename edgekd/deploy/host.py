@@ -83,6 +83,16 @@ def int8_kernel(machine: str, isa: list[str]) -> str:
     return "unknown"
 
 
+def _cpuinfo_is_ours(flags: set[str], features: dict[str, bool]) -> bool:
+    """Whether /proc/cpuinfo describes the CPU that runs us: under an emulator (qemu-user)
+    it is the host's, and it lists a feature CPUID (numpy's dispatch table) denies, such
+    as AVX-512 on an emulated AVX2 CPU. Then its own flags (``avx_vnni``) are not ours."""
+    return not any(
+        name in flags and key in features and not features[key]
+        for key, name in _NUMPY_FEATURES.items()
+    )
+
+
 def int8_host() -> dict[str, Any]:
     """This host as INT8 parity depends on it: ``{"machine", "cpu", "isa", "int8_kernel",
     "onnxruntime"}`` (``onnxruntime`` is None where it is not installed)."""
@@ -90,7 +100,11 @@ def int8_host() -> dict[str, Any]:
     features = _numpy_features()
     isa = sorted(
         {name for key, name in _NUMPY_FEATURES.items() if features.get(key)}
-        | {name for name in _CPUINFO_FEATURES if name in flags}
+        | {
+            name
+            for name in _CPUINFO_FEATURES
+            if name in flags and _cpuinfo_is_ours(flags, features)
+        }
     )
     try:
         import onnxruntime

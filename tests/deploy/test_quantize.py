@@ -169,3 +169,28 @@ def test_int8_export_gives_the_same_logits_on_an_avx2_cpu_without_vnni(trained_e
     assert (avx2.argmax(1) == native.argmax(1)).mean() >= 0.999
     # The old export saturates there: its logits move by a good part of their range.
     assert np.abs(full_avx2 - full_native).max() > 0.1 * np.abs(full_native).max()
+
+
+def test_an_emulators_passed_through_cpuinfo_is_not_taken_for_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """qemu-user shows the host's /proc/cpuinfo (AVX-512, AVX-VNNI) while CPUID, which
+    onnxruntime dispatches on, says AVX2 only: the VNNI flag is then not this CPU's."""
+    import edgekd.deploy.host as host
+
+    # Prepare: a Zen 5 host's flags, under an emulated AVX2 CPU and natively
+    flags = {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"}
+    emulated = {"AVX2": True, "AVX512F": False, "AVX512BW": False, "AVX512VNNI": False}
+    native = {"AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": True}
+    monkeypatch.setattr(host, "_cpuinfo", lambda: ("AMD EPYC", flags))
+
+    # Execute / Assert
+    monkeypatch.setattr(host, "_numpy_features", lambda: emulated)
+    assert host.int8_host()["isa"] == ["avx2"]
+    assert "saturating int16" in host.int8_host()["int8_kernel"]
+    monkeypatch.setattr(host, "_numpy_features", lambda: native)
+    assert host.int8_host()["isa"] == ["avx2", "avx512_vnni", "avx512bw", "avx512f", "avx_vnni"]
+    # An AVX-VNNI CPU without AVX-512 (Alder Lake): cpuinfo and CPUID agree, VNNI is kept
+    monkeypatch.setattr(host, "_cpuinfo", lambda: ("Intel Core", {"avx2", "avx_vnni"}))
+    monkeypatch.setattr(host, "_numpy_features", lambda: {"AVX2": True, "AVX512F": False})
+    assert host.int8_host()["isa"] == ["avx2", "avx_vnni"]
