@@ -178,7 +178,7 @@ def _reseal(bundle: Path, name: str, data: bytes) -> None:
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
-        ("entry", "the entry of file head.npz is not an object"),
+        ("entry", "the entry of file step_params.npz is not an object"),
         ("model", "student_int8.onnx: the runtime cannot load or run it"),
         ("parity", "parity.npz: unreadable"),
         ("reference", "student_fp32.onnx: cannot be run here"),
@@ -191,7 +191,7 @@ def test_deploy_check_names_a_damaged_bundle(
     noise = np.random.default_rng(0).bytes(4096)
     if damage == "entry":
         manifest = json.loads((bundle / "manifest.json").read_text())
-        manifest["files"]["head.npz"] = "not an object"
+        manifest["files"]["step_params.npz"] = "not an object"
         (bundle / "manifest.json").write_text(json.dumps(manifest))
     else:
         name = {"model": "student_int8.onnx", "parity": "parity.npz"}.get(

@@ -6,8 +6,10 @@ set by the simulation engine or ``flower-supernode --node-config``) and the run'
 ONNX teacher (``on-device``; it travels xz-compressed) or from the message (``proxy``).
 The payload codec runs as a mod (`edgekd.client.codec_mod`), so the handlers see
 plain arrays and the round's pruning masks. A node started with a device bundle
-whose backend is onnxruntime or LiteRT trains the head only, without torch
-(`edgekd.client.edge_client`).
+whose backend is onnxruntime or LiteRT trains without torch, through the bundle's step
+graph (`edgekd.client.edge_client`); a simulated node does the same with
+``client.backend = onnxruntime | litert | mixed:<share>``
+(`edgekd.client.graph_trainer`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from edgekd.client.edge_client import (
 )
 from edgekd.client.faults import make_fault_mod
 from edgekd.core import records as R
-from edgekd.core.config import EdgeKDConfig
+from edgekd.core.config import EdgeKDConfig, node_backend
 from edgekd.core.data import ArrayDataset, client_split, load_federated_data
 from edgekd.core.round_settings import RoundSettings, config_scalar
 from edgekd.core.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
 from edgekd.wire.payload import record_to_state, state_to_record
 
-HEAD_ONLY_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train the head only
+TORCH_FREE_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train without torch
 
 
 def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, ArrayDataset, ModelSpec]:
@@ -75,16 +77,23 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
         p = msg.content.array_records[R.PROXY]
         proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_LOGITS].numpy())
     state = record_to_state(msg.content.array_records[R.ARRAYS])
-    new_state, metrics = local_kd_update(
-        spec,
-        state,
-        train,
-        settings,
-        teacher_logits=logits,
-        proxy=proxy,
-        masks=masks_from_message(msg.content),
-        quantizer=str(config.get(R.QAT, "")),
-    )
+    masks = masks_from_message(msg.content)
+    backend = _simulated_backend(cfg, context)
+    if backend == "torch":
+        new_state, metrics = local_kd_update(
+            spec, state, train, settings, teacher_logits=logits, proxy=proxy, masks=masks,
+            quantizer=str(config.get(R.QAT, "")),
+        )  # fmt: skip
+    else:  # the fleet as deployed: the bundles' step graph in onnxruntime or LiteRT
+        from edgekd.client.graph_backend import simulated_step_runtime
+        from edgekd.client.graph_trainer import graph_kd_update
+
+        runtime = simulated_step_runtime(
+            backend, spec, state, settings.optimizer, settings.batch_size
+        )
+        new_state, metrics = graph_kd_update(
+            runtime, state, train, settings, teacher_logits=logits, proxy=proxy, masks=masks
+        )
     reply = RecordDict(
         {
             R.ARRAYS: state_to_record(new_state),
@@ -93,11 +102,22 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
                     R.TRAIN_LOSS: float(metrics[R.TRAIN_LOSS]),
                     "temperature": float(metrics["temperature"]),
                     R.NUM_EXAMPLES: len(train),
+                    R.BACKEND_METRICS[backend]: 1,
                 }
             ),
         }
     )
     return Message(content=reply, reply_to=msg)
+
+
+def _simulated_backend(cfg: EdgeKDConfig, context: Context) -> str:
+    """torch, or the runtime ``client.backend`` puts this simulated node on (a node
+    started with a bundle trains as its bundle says, before this is asked)."""
+    if context.node_config.get(BUNDLE) or R.PARTITION_ID not in context.node_config:
+        return "torch"
+    pid = int(config_scalar(context.node_config, R.PARTITION_ID))
+    num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
+    return node_backend(cfg.client.backend, pid, num)
 
 
 def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
@@ -133,7 +153,7 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = config_of(context)
-        if bundle_backend(context) in HEAD_ONLY_BACKENDS:  # no torch on this device
+        if bundle_backend(context) in TORCH_FREE_BACKENDS:  # no torch on this device
             return handle_edge_train(run_cfg, msg, context)
         if run_cfg.continual.scenario:  # the same app serves continual runs (`flwr run .`)
             from edgekd.client.continual_client import handle_continual_train
@@ -149,7 +169,7 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        if bundle_backend(context) in HEAD_ONLY_BACKENDS:
+        if bundle_backend(context) in TORCH_FREE_BACKENDS:
             return handle_edge_evaluate(config_of(context), msg, context)
         return handle_evaluate(config_of(context), msg, context)
 

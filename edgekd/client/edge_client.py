@@ -4,11 +4,14 @@
 bundle is verified (every file against its manifest's sha256) before it is used; its
 ``backend`` says how the node trains:
 
-* ``onnxruntime`` (Raspberry Pi) and ``litert`` (Android): no torch. The feature
-  extractor in the bundle stays frozen; the node trains the student's linear head with
-  the bundle's head-step graph (class-weighted KD, closed-form gradient) and sends the
-  student back with the new head and every other tensor as it received it, a normal
-  update for the server's averaging;
+* ``onnxruntime`` (Raspberry Pi) and ``litert`` (Android): no torch. By default
+  (profile ``[training] mode = "full"``) the node trains every tensor of the student
+  through the bundle's step graph (`edgekd.deploy.train_step`: forward, backward and the
+  optimizer in one graph) with `edgekd.client.graph_trainer`, exactly as a torch node
+  would, and sends the whole student back. With ``mode = "head-only"`` (devices too
+  small for the full step) the feature extractor stays frozen and the node trains the
+  linear head with the head-step graph (closed-form gradient), sending every other
+  tensor back as it received it;
 * ``torch`` (Jetson): the full local KD update of `edgekd.client.trainer`.
 
 Soft targets: ``on-device`` runs the ONNX teacher the server sent (onnxruntime is part
@@ -78,6 +81,8 @@ def torch_placement(context: Context) -> dict[str, Any]:
 
 def handle_edge_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
     bundle = _bundle(str(context.node_config[BUNDLE]))
+    if _trains_full(bundle):
+        return _full_train(cfg, msg, context, bundle)
     runtime = _runtime(bundle)
     train, _ = edge_data(cfg, context, bundle)
     config = msg.content.config_records[R.CONFIG]
@@ -124,6 +129,45 @@ def handle_edge_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Mess
                     R.TRAIN_LOSS: float(metrics["loss"]),
                     "temperature": temperature,
                     R.NUM_EXAMPLES: len(train),
+                    R.BACKEND_METRICS[bundle.profile.backend]: 1,
+                }
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def _full_train(cfg: EdgeKDConfig, msg: Message, context: Context, bundle: Any) -> Message:
+    """Every tensor of the student trained through the bundle's step graph."""
+    from edgekd.client.codec_mod import masks_from_message
+    from edgekd.client.graph_trainer import graph_kd_update
+
+    runtime = _step_runtime(bundle)
+    train, _ = edge_data(cfg, context, bundle)
+    config = msg.content.config_records[R.CONFIG]
+    settings = RoundSettings.from_round(
+        config, context.node_config, runtime_batch=runtime.batch_size
+    )
+    state = record_to_state(msg.content.array_records[R.ARRAYS])
+    teacher, proxy = None, None
+    if str(config[R.SOFT_TARGETS]) == "on-device" and settings.mode == "kd":
+        teacher = _teacher_logits(msg, config, train.x)
+    elif settings.mode == "kd":
+        record = msg.content.array_records[R.PROXY]
+        proxy = (record[R.PROXY_X].numpy(), record[R.PROXY_LOGITS].numpy())
+    new_state, metrics = graph_kd_update(
+        runtime, state, train, settings, teacher_logits=teacher, proxy=proxy,
+        masks=masks_from_message(msg.content),
+    )  # fmt: skip
+    reply = RecordDict(
+        {
+            R.ARRAYS: state_to_record(new_state),
+            R.METRICS: MetricRecord(
+                {
+                    R.TRAIN_LOSS: float(metrics[R.TRAIN_LOSS]),
+                    "temperature": float(metrics["temperature"]),
+                    R.NUM_EXAMPLES: len(train),
+                    R.BACKEND_METRICS[bundle.profile.backend]: 1,
                 }
             ),
         }
@@ -133,10 +177,14 @@ def handle_edge_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Mess
 
 def handle_edge_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
     bundle = _bundle(str(context.node_config[BUNDLE]))
-    runtime = _runtime(bundle)
     _, val = edge_data(cfg, context, bundle)
-    weight, bias = _head(record_to_state(msg.content.array_records[R.ARRAYS]))
-    logits = runtime.logits(val.x, weight, bias)
+    state = record_to_state(msg.content.array_records[R.ARRAYS])
+    if _trains_full(bundle):
+        step = _step_runtime(bundle)
+        logits = step.logits(val.x, [state[name] for name in step.layout.names])
+    else:
+        weight, bias = _head(state)
+        logits = _runtime(bundle).logits(val.x, weight, bias)
     log_probs = log_softmax(logits)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         R.ACCURACY: float((logits.argmax(1) == val.y).mean()) if len(val) else 0.0,
@@ -206,6 +254,27 @@ def _client_toml(bundle: Any) -> dict[str, Any]:
 def _data_dir(bundle: Any) -> Path:
     folder = Path(str(_client_toml(bundle).get("data_dir", "data")))
     return folder if folder.is_absolute() else bundle.path / folder
+
+
+def _trains_full(bundle: Any) -> bool:
+    """Whether the bundle ships the whole-student step graph (``train_step`` in its
+    ``client.toml``), rather than the head-only step."""
+    return "train_step" in _client_toml(bundle)
+
+
+def _step_runtime(bundle: Any) -> Any:
+    from edgekd.deploy.step_layout import StepLayout
+    from edgekd.deploy.step_runtime import step_runtime_for
+
+    client = _client_toml(bundle)
+    layout = StepLayout.from_json(bundle.file(str(client["step_layout"])).read_text())
+    infer = client.get("train_infer")
+    return step_runtime_for(
+        str(bundle.file(str(client["train_step"]))),
+        str(bundle.file(str(infer))) if infer else None,
+        layout,
+        threads=int(client.get("threads", 1)),
+    )
 
 
 def _runtime(bundle: Any) -> Any:

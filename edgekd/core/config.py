@@ -170,6 +170,16 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class ClientConfig:
+    """How simulated nodes train (`edgekd.client.graph_trainer`)."""
+
+    # torch | onnxruntime | litert | mixed:<share>: onnxruntime and litert train through
+    # the exported step graphs a bundle ships (the fleet as deployed); mixed:0.5 puts the
+    # first half of the nodes on onnxruntime and the rest on torch
+    backend: str = "torch"
+
+
+@dataclass(frozen=True)
 class EdgeKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +188,7 @@ class EdgeKDConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
     seed: int = 42
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
@@ -311,8 +322,28 @@ class EdgeKDConfig:
         )
         _check(c.end_round >= c.start_round, "compression.end-round must be >= start-round")
         self._validate_continual()
+        self._validate_client_backend()
         _check(self.sim.client_cpus > 0, "sim.client-cpus must be > 0")
         _check(self.sim.client_gpus >= 0, "sim.client-gpus must be >= 0")
+
+    def _validate_client_backend(self) -> None:
+        kind, _ = parse_client_backend(self.client.backend)
+        if kind == "torch":
+            return
+        _check(
+            self.compression.quantize == "",
+            f"client.backend = {self.client.backend}: the step graphs train FP32 weights; "
+            "compression.quantize (QAT) needs client.backend = torch",
+        )
+        _check(
+            self.kd.hint_weight == 0,
+            f"client.backend = {self.client.backend}: kd.hint-weight needs the torch teacher "
+            "on the node (client.backend = torch)",
+        )
+        _check(
+            not self.continual.scenario,
+            f"client.backend = {self.client.backend}: continual runs train on torch nodes",
+        )
 
     def _validate_continual(self) -> None:
         cl = self.continual
@@ -381,6 +412,32 @@ def parse_partition(spec: str) -> tuple[str, float]:
         f"data.partition: unknown partition '{spec}' "
         "(use iid, dirichlet:<alpha> or pathological:<classes-per-client>)"
     )
+
+
+CLIENT_BACKENDS = ("torch", "onnxruntime", "litert")
+
+
+def parse_client_backend(spec: str) -> tuple[str, float]:
+    """``torch``, ``onnxruntime``, ``litert`` -> ``(kind, 0.0)``; ``mixed:<share>`` ->
+    ``("mixed", share)``, the share of nodes on onnxruntime (the rest on torch)."""
+    kind, _, arg = spec.partition(":")
+    if kind in CLIENT_BACKENDS and not arg:
+        return kind, 0.0
+    if kind == "mixed" and 0.0 <= _number(arg) <= 1.0:
+        return kind, _number(arg)
+    raise ConfigError(
+        f"client.backend: cannot read '{spec}' (use torch, onnxruntime, litert or "
+        "mixed:<share of onnxruntime nodes in [0, 1]>)"
+    )
+
+
+def node_backend(spec: str, partition_id: int, num_partitions: int) -> str:
+    """The backend simulated node ``partition_id`` trains with under ``client.backend =
+    spec``: with ``mixed:<s>`` the first ``round(s * N)`` nodes run onnxruntime."""
+    kind, share = parse_client_backend(spec)
+    if kind != "mixed":
+        return kind
+    return "onnxruntime" if partition_id < round(share * num_partitions) else "torch"
 
 
 AUGMENT_KINDS = ("shift", "noise", "scale")

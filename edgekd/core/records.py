@@ -66,6 +66,10 @@ TRAIN_LOSS = "train-loss"
 ACCURACY = "accuracy"
 LOSS = "loss"
 PENALTY = "penalty"  # continual: the anti-forgetting term of the last local epoch
+# Optional training metric: which runtime trained the update ("updates-<backend>": 1).
+# The server counts them per round (rounds.jsonl, report.json) and never averages them.
+TRAIN_BACKENDS = ("torch", "onnxruntime", "litert")
+BACKEND_METRICS: dict[str, str] = {b: f"updates-{b}" for b in TRAIN_BACKENDS}
 
 # Node config (per SuperNode; set by the simulation engine or `--node-config`)
 PARTITION_ID = "partition-id"

@@ -2,7 +2,8 @@
 
 `edgekd.deploy.train_step` exports the graph (torch); a bundle ships its
 :class:`StepLayout` as JSON beside it, and `edgekd.deploy.step_runtime` feeds the graph
-from it on a device without torch. This module imports the standard library only.
+from it on a device without torch. This module imports the standard library and
+`edgekd.core.errors` only.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from edgekd.core.errors import EdgeKDError
+
 __all__ = ["GROUPS", "OPTIMIZERS", "STEP_SCALARS", "StepLayout", "StepLayoutError"]
 
 #: The optimizers the step graph implements (names as in ``train.optimizer``).
 OPTIMIZERS = ("adam", "sgd")
 #: Scalar inputs after ``x, labels, teacher_logits, class_weights``, in order.
-STEP_SCALARS = ("temperature", "alpha", "lr", "clip_norm", "step", "trust_correct")
+STEP_SCALARS = ("temperature", "alpha", "lr", "clip_norm", "step", "trust_correct", "weight_ce")
 #: The per-tensor input groups, in order, each one tensor per trainable name.
 GROUPS = ("params", "masks", "state1", "state2")
 
 
-class StepLayoutError(ValueError):
+class StepLayoutError(EdgeKDError, ValueError):
     """A step layout file is missing fields or holds impossible values."""
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgekd.deploy.step_layout import StepLayout
@@ -64,7 +64,10 @@ class OrtStepRuntime:
 
     batch_size: int | None = None
 
-    def __init__(self, train_path: str, infer_path: str, layout: StepLayout, *, threads: int = 1):
+    def __init__(
+        self, train: str | bytes, infer: str | bytes, layout: StepLayout, *, threads: int = 1
+    ):
+        """``train``/``infer``: file paths or the serialized graphs."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -72,14 +75,14 @@ class OrtStepRuntime:
         options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         self.layout = layout
-        self._train = ort.InferenceSession(train_path, sess_options=options, providers=providers)
-        self._infer = ort.InferenceSession(infer_path, sess_options=options, providers=providers)
+        self._train = ort.InferenceSession(train, sess_options=options, providers=providers)
+        self._infer = ort.InferenceSession(infer, sess_options=options, providers=providers)
         # The exporter drops an input the graph never reads (SGD's `step`): feed by name.
         self._used = {i.name for i in self._train.get_inputs()}
         unknown = self._used - set(layout.input_names())
         if unknown:
             raise ValueError(
-                f"{train_path} does not match its layout: inputs {sorted(unknown)[:4]}"
+                f"the step graph does not match its layout: inputs {sorted(unknown)[:4]}"
             )
 
     def step(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
@@ -120,7 +123,8 @@ class LiteRTStepRuntime:
     rows carry no loss, gradient or count, so the padded step is the unpadded one.
     """
 
-    def __init__(self, path: str, layout: StepLayout, *, threads: int = 1):
+    def __init__(self, model: str | bytes, layout: StepLayout, *, threads: int = 1):
+        """``model``: the ``.tflite`` file's path or its bytes."""
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as exc:
@@ -128,17 +132,19 @@ class LiteRTStepRuntime:
                 "the LiteRT runtime needs the LiteRT interpreter: pip install ai-edge-litert"
             ) from exc
         self.layout = layout
-        self._interp = Interpreter(model_path=path, num_threads=threads)
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
+        self._interp = Interpreter(**source, num_threads=threads)
+        name = "the step file" if isinstance(model, bytes) else model
         missing = {"train", "infer"} - set(self._interp.get_signature_list())
         if missing:
-            raise ValueError(f"{path} lacks the signature(s) {sorted(missing)}")
+            raise ValueError(f"{name} lacks the signature(s) {sorted(missing)}")
         self._train = self._interp.get_signature_runner("train")
         self._infer = self._interp.get_signature_runner("infer")
         self._train_inputs = self._inputs(self._train)
         self._infer_inputs = self._inputs(self._infer)
         if len(self._train_inputs) != len(layout.input_names()):
             raise ValueError(
-                f"{path}: train signature has {len(self._train_inputs)} inputs, "
+                f"{name}: train signature has {len(self._train_inputs)} inputs, "
                 f"its layout {len(layout.input_names())}"
             )
         self.batch_size: int | None = self._train_inputs[0][2][0]
@@ -222,6 +228,8 @@ def local_full_kd(
     masks: Mapping[str, np.ndarray] | None = None,
     clip_norm: float = 0.0,
     trust_correct: bool = False,
+    weight_ce: bool = False,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     seed: int = 0,
 ) -> tuple[OrderedDict[str, np.ndarray], dict[str, float]]:
     """Train every tensor of the student on local data through the step graph; torch-free.
@@ -229,10 +237,14 @@ def local_full_kd(
     The loss is `edgekd.learn.kd.class_balanced_kd_loss` (``teacher_logits`` softened
     at ``temperature`` inside the graph; ``class_weights`` ``None`` means all ones), the
     optimizer the layout's (fresh state, as the torch trainer makes one per call), with
-    clipping at ``clip_norm`` (0: off). Each epoch visits the data in a fresh order from
-    ``numpy.random.default_rng(seed)``. ``masks`` (``True`` kept) keep pruned entries at
-    exactly zero. ``state`` holds at least the layout's tensors; other entries (buffers)
-    come back unchanged.
+    clipping at ``clip_norm`` (0: off); ``weight_ce`` applies the class weights to the
+    CE term too (with ``alpha = 1``: the class-weighted CE of a FedAvg round). Each
+    epoch visits the data in a fresh order from ``numpy.random.default_rng(seed)``;
+    ``augment(batch, generator)`` (optional) returns an augmented copy of each
+    mini-batch, drawing from a generator of its own (the soft targets stay the clean
+    sample's, as on a torch node without a torch teacher). ``masks`` (``True`` kept)
+    keep pruned entries at exactly zero. ``state`` holds at least the layout's tensors;
+    other entries (buffers) come back unchanged.
 
     Returns the new state (same keys and order as ``state``) and metrics: ``loss`` (the
     last epoch's example-weighted mean of the batch losses, each before its step),
@@ -250,20 +262,8 @@ def local_full_kd(
         raise ValueError(
             f"batch_size {batch_size} exceeds the graph's static batch {runtime.batch_size}"
         )
-    missing = [n for n in layout.names if n not in state]
-    if missing:
-        raise ValueError(f"the student lacks the tensors {missing} the step graph trains")
     f32 = np.float32
-    params = [
-        np.array(state[n], dtype=f32) for n, s in zip(layout.names, layout.shapes, strict=True)
-    ]
-    for name, p, shape in zip(layout.names, params, layout.shapes, strict=True):
-        if p.shape != shape:
-            raise ValueError(f"{name} has shape {p.shape}, the step graph {shape}")
-    keep = [
-        np.ones(s, f32) if masks is None or n not in masks else np.asarray(masks[n], dtype=f32)
-        for n, s in zip(layout.names, layout.shapes, strict=True)
-    ]
+    params, keep = _tensors(layout, state, masks)
     y = np.asarray(y, dtype=np.int64).reshape(-1)
     x = np.asarray(x, dtype=f32)
     teacher = np.asarray(teacher_logits, dtype=f32)
@@ -279,6 +279,7 @@ def local_full_kd(
     state1 = [np.zeros_like(p) for p in params]
     state2 = [np.zeros_like(p) for p in params]
     rng = np.random.default_rng(seed)
+    aug_rng = np.random.default_rng(seed + 7919)
     count, steps, last = len(layout.names), 0, 0.0
     for _ in range(epochs if len(y) else 0):
         order = rng.permutation(len(y))
@@ -286,8 +287,9 @@ def local_full_kd(
         for start in range(0, len(y), batch_size):
             idx = order[start : start + batch_size]
             steps += 1
-            scalars = [temperature, alpha, lr, clip_norm, float(steps), float(trust_correct)]
-            feeds = [x[idx], y[idx], teacher[idx], cw, *(np.asarray(s, f32) for s in scalars)]
+            scalars = [temperature, alpha, lr, clip_norm, steps, trust_correct, weight_ce]
+            xb = x[idx] if augment is None else augment(x[idx], aug_rng)
+            feeds = [xb, y[idx], teacher[idx], cw, *(np.asarray(float(s), f32) for s in scalars)]
             out = runtime.step(feeds + params + keep + state1 + state2)
             params = [np.asarray(o, f32) for o in out[:count]]
             state1 = list(out[count : 2 * count])
@@ -303,3 +305,26 @@ def local_full_kd(
     for name, p in zip(layout.names, params, strict=True):
         new_state[name] = p.astype(np.asarray(state[name]).dtype, copy=False)
     return new_state, {"loss": float(last), "steps": float(steps), "num-examples": float(len(y))}
+
+
+def _tensors(
+    layout: StepLayout, state: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The layout's tensors from ``state`` and their masks (ones where none), float32,
+    in layout order; a missing tensor or another shape is a ``ValueError``."""
+    import numpy as np
+
+    missing = [n for n in layout.names if n not in state]
+    if missing:
+        raise ValueError(f"the student lacks the tensors {missing} the step graph trains")
+    params = [np.array(state[n], dtype=np.float32) for n in layout.names]
+    for name, p, shape in zip(layout.names, params, layout.shapes, strict=True):
+        if p.shape != shape:
+            raise ValueError(f"{name} has shape {p.shape}, the step graph {shape}")
+    keep = [
+        np.ones(s, np.float32)
+        if masks is None or n not in masks
+        else np.asarray(masks[n], np.float32)
+        for n, s in zip(layout.names, layout.shapes, strict=True)
+    ]
+    return params, keep

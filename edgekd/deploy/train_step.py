@@ -250,11 +250,13 @@ class StudentKDStep(nn.Module):
     ``p_i = softmax(t_i / tau)``, one-hot ``e_i``, ``w_i = class_weights[y_i]``, row mask
     ``m_i`` (0 for a padded row, label ``-1``) and ``n = max(sum m_i, 1)``::
 
-        L = 1/n sum_i m_i [a_i CE_i + (1 - a_i) tau^2 w_i KL(p_i || q_i)],
-        dL/dz_i = m_i/n [a_i (s_i - e_i) + (1 - a_i) tau w_i (q_i - p_i)],
+        L = 1/n sum_i m_i [a_i v_i CE_i + (1 - a_i) tau^2 w_i KL(p_i || q_i)],
+        dL/dz_i = m_i/n [a_i v_i (s_i - e_i) + (1 - a_i) tau w_i (q_i - p_i)],
 
     ``a_i = alpha``, or 1 where ``trust_correct`` is 1 and the teacher's top class is not
-    ``y_i`` (`edgekd.learn.kd.class_balanced_kd_loss`'s ``trust_correct``). The gradient
+    ``y_i`` (`edgekd.learn.kd.class_balanced_kd_loss`'s ``trust_correct``); ``v_i = w_i``
+    where ``weight_ce`` is 1 (its ``weight_ce``; with ``alpha = 1`` the class-weighted CE
+    of a FedAvg round), else 1. The gradient
     of every tensor follows by the layers' backward (module docstring); then masks,
     global-norm clipping (``clip_norm <= 0`` disables it) and the optimizer step, the
     ``step``-th of the optimizer (1-based, for Adam's bias correction).
@@ -275,15 +277,15 @@ class StudentKDStep(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         x, labels, teacher_logits, class_weights = inputs[:4]
-        tau, alpha, lr, clip, step, trust = (s.reshape(()) for s in inputs[4:10])
-        count = len(self.names)
-        groups = [list(inputs[10 + g * count : 10 + (g + 1) * count]) for g in range(4)]
+        tau, alpha, lr, clip, step, trust, weight_ce = (s.reshape(()) for s in inputs[4:11])
+        count, first = len(self.names), 4 + len(STEP_SCALARS)
+        groups = [list(inputs[first + g * count : first + (g + 1) * count]) for g in range(4)]
         params = dict(zip(self.names, groups[0], strict=True))
         masks = dict(zip(self.names, groups[1], strict=True))
 
         logits, caches = self._forward(x, params)
         loss, grad_logits = self._loss(
-            logits, labels, teacher_logits, class_weights, tau, alpha, trust
+            logits, labels, teacher_logits, class_weights, tau, alpha, trust, weight_ce
         )
         by_name = self._backward(grad_logits, caches, params)
         masked = [by_name[n] * masks[n] for n in self.names]
@@ -327,7 +329,8 @@ class StudentKDStep(nn.Module):
                     out = out + params[op.bias].reshape(1, -1, 1)
                 out = out.reshape(h4.shape[0], weight.shape[0], ho, wo)
                 caches.append((h4, cols))
-                h = out.squeeze(2) if op.one_d else out
+                # reshape, not squeeze: the ONNX exporter guards a squeeze with an If node
+                h = out.reshape(out.shape[0], out.shape[1], wo) if op.one_d else out
             elif op.kind == "relu":
                 h = torch.relu(h)
                 caches.append((h,))
@@ -361,6 +364,7 @@ class StudentKDStep(nn.Module):
         tau: Tensor,
         alpha: Tensor,
         trust: Tensor,
+        weight_ce: Tensor,
     ) -> tuple[Tensor, Tensor]:
         num_classes = logits.shape[1]
         classes = torch.arange(num_classes, dtype=labels.dtype)
@@ -380,10 +384,12 @@ class StudentKDStep(nn.Module):
         p = torch.exp(log_p)
         ce = -(one_hot * log_s).sum(dim=1)
         kl = (p * (log_p - log_q)).sum(dim=1)
-        per_sample = a * ce + (1.0 - a) * tau * tau * sample_weights * kl
+        # v_i = w_i when the class weights scale the CE term too (weight_ce = 1), else 1.
+        ce_weights = 1.0 + weight_ce * (sample_weights - 1.0)
+        per_sample = a * ce_weights * ce + (1.0 - a) * tau * tau * sample_weights * kl
         loss = (row_mask * per_sample).sum() / count
 
-        grad_ce = torch.exp(log_s) - one_hot
+        grad_ce = (torch.exp(log_s) - one_hot) * ce_weights.unsqueeze(1)
         grad_kd = (torch.exp(log_q) - p) * (tau * sample_weights).unsqueeze(1)
         per_row = a.unsqueeze(1) * grad_ce + (1.0 - a).unsqueeze(1) * grad_kd
         return loss, per_row * (row_mask / count).unsqueeze(1)
@@ -432,7 +438,7 @@ class StudentKDStep(nn.Module):
                     wo = gf.shape[2] // ho
                     dcols = weight.reshape(out_ch, -1).t() @ gf
                     dx = _conv_backward_input(dcols, h4.shape, op, ho, wo)
-                    g = dx.squeeze(2) if op.one_d else dx
+                    g = dx.reshape(dx.shape[0], dx.shape[1], dx.shape[3]) if op.one_d else dx
         return grads
 
 
@@ -478,7 +484,7 @@ def step_for(model: nn.Module, optimizer: str = "adam") -> StudentKDStep:
 def example_step_inputs(layout: StepLayout, batch_size: int) -> tuple[Tensor, ...]:
     """Example inputs of the step (for tracing/conversion), in input order."""
     c = layout.num_classes
-    scalars = (4.0, 0.5, 0.01, 2.0, 1.0, 0.0)
+    scalars = (4.0, 0.5, 0.01, 2.0, 1.0, 0.0, 0.0)
     # A fresh tensor per input: the TFLite converter folds inputs that alias one object.
     groups = [[torch.full(s, fill) for s in layout.shapes] for fill in (0.1, 1.0, 0.0, 0.0)]
     return (

@@ -24,6 +24,10 @@ class RoundLedger:
     empty: int = 0  # valid training replies with 0 examples (an empty share): not averaged
     eval_empty: int = 0  # the same for evaluation replies
     skipped: int = 0  # 1 when the round kept the old student (too few updates, or it failed)
+    # accepted updates by the runtime that trained them (the nodes' updates-<backend>)
+    updates_torch: int = 0
+    updates_onnxruntime: int = 0
+    updates_litert: int = 0
     reasons: list[str] = field(default_factory=list)
 
     def counters(self) -> dict[str, int]:

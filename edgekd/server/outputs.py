@@ -11,6 +11,7 @@ import numpy as np
 from torch import nn
 
 from edgekd import __version__
+from edgekd.core import records as R
 from edgekd.core.config import EdgeKDConfig
 from edgekd.core.data import FederatedData
 from edgekd.core.numerics import softmax
@@ -92,6 +93,10 @@ def run_report(
             ),
         },
         "rounds": rounds,
+        # client.backend: the accepted updates each runtime trained, over all rounds
+        "updates_by_backend": {
+            b: sum(int(r.get(f"updates_{b}", 0)) for r in rounds) for b in R.TRAIN_BACKENDS
+        },
         # Against the student as it started: filter pruning and low-rank shrink it.
         "communication": communication(
             rounds, count_params(start.init), count_params(teacher.model)

@@ -39,6 +39,7 @@ __all__ = [
     "EVALUATE_METRIC_KEYS",
     "EmptyReply",
     "TRAIN_METRIC_KEYS",
+    "BACKEND_METRIC_KEYS",
     "WEIGHT_CAP",
     "bounded_weights",
     "check_reply_layout",
@@ -72,17 +73,29 @@ def check_reply_layout(msg: Message, array_key: str | None) -> None:
         raise PayloadError(f"unexpected config records {sorted(content.config_records)}")
 
 
+#: Optional training metrics: the one backend that trained the update (value 1).
+BACKEND_METRIC_KEYS = frozenset(R.BACKEND_METRICS.values())
+
+
 def checked_metrics(
-    record: MetricRecord, expected_keys: frozenset[str], max_examples: int
+    record: MetricRecord,
+    expected_keys: frozenset[str],
+    max_examples: int,
+    optional_keys: frozenset[str] = frozenset(),
 ) -> MetricRecord:
     """``record`` with ``num-examples`` as an int, or `PayloadError` naming the first
     problem: missing or unexpected keys, a value that is not one finite number,
     ``num-examples`` outside ``[1, max_examples]`` or not whole, accuracy outside [0, 1];
     `EmptyReply` for ``num-examples`` 0."""
     keys = set(record.keys())
-    if keys != expected_keys:
-        missing, extra = sorted(expected_keys - keys), sorted(keys - expected_keys)
+    optional = keys & optional_keys
+    if keys - optional != expected_keys or len(optional) > 1:
+        missing = sorted(expected_keys - keys)
+        extra = sorted(keys - expected_keys - optional) or sorted(optional)[1:]
         raise PayloadError(f"metric keys differ (missing {missing}, unexpected {extra})")
+    for key in optional:
+        if record[key] != 1:
+            raise PayloadError(f"metric '{key}' is {record[key]!r}, not 1")
     out: dict[str, int | float | list[int] | list[float]] = {}
     for key, value in record.items():
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -43,6 +43,7 @@ from edgekd.core import records as R
 from edgekd.server.ledger import RoundLedger
 from edgekd.server.node_wire import Masks, NodeWire, RoundWire, WireFormat
 from edgekd.server.replies import (
+    BACKEND_METRIC_KEYS,
     EVALUATE_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     EmptyReply,
@@ -429,10 +430,19 @@ class EdgeKDStrategy(FedAvg):
         ledger.bytes_up += record_nbytes(record)
         check_reply_layout(msg, self.arrayrecord_key)
         metrics = checked_metrics(
-            msg.content.metric_records[R.METRICS], self.train_metric_keys, self.max_examples
+            msg.content.metric_records[R.METRICS],
+            self.train_metric_keys,
+            self.max_examples,
+            optional_keys=BACKEND_METRIC_KEYS,
         )
         decoded = self.node_wire.decode_reply(record, wire)
         check_update(decoded, wire.sent)
+        # Counted, then dropped: Flower averages every metric key, and not every node
+        # reports one (continual nodes, older clients).
+        for backend, key in R.BACKEND_METRICS.items():
+            if key in metrics:
+                del metrics[key]
+                setattr(ledger, f"updates_{backend}", getattr(ledger, f"updates_{backend}") + 1)
         return dict(record_to_state(decoded)), metrics
 
     def _bounded(

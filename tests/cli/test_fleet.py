@@ -120,9 +120,9 @@ def test_client_start_refuses_a_changed_bundle_naming_the_file(
 
     bundle = tmp_path / "bundle"
     shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "bundles" / "android-w8", bundle)
-    data = bytearray((bundle / "head_step.tflite").read_bytes())
+    data = bytearray((bundle / "train_step.tflite").read_bytes())
     data[100] ^= 0xFF
-    (bundle / "head_step.tflite").write_bytes(bytes(data))
+    (bundle / "train_step.tflite").write_bytes(bytes(data))
     code = main(["client", "start", "--bundle", str(bundle), "--insecure"])
     assert code == 2
-    assert "head_step.tflite" in capsys.readouterr().err
+    assert "train_step.tflite" in capsys.readouterr().err

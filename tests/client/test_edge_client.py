@@ -54,22 +54,32 @@ def test_kd_train_on_cuda_with_fp16_autocast_learns_and_returns_to_the_host() ->
     assert next(model.parameters()).device.type == "cpu"
 
 
-@pytest.fixture(scope="module")
-def pi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _pi_bundle(root: Path, mode: str) -> Path:
     """A Raspberry Pi bundle of the trained width-8 fixture student (its INT8 model flips
     7.0 % of the 4 000 default test predictions, on every CPU: the profile here accepts
-    10 %)."""
+    10 %), training the whole student (``full``) or the head (``head-only``)."""
     import edgekd.deploy
     from edgekd.deploy.bundle import build_bundle
 
-    root = tmp_path_factory.mktemp("pi")
     shipped = Path(edgekd.deploy.__file__).parent / "profiles" / "raspberry-pi.toml"
     profile = root / "pi.toml"
     profile.write_text(
-        shipped.read_text().replace("max_top1_disagreement = 0.03", "max_top1_disagreement = 0.10")
+        shipped.read_text()
+        .replace("max_top1_disagreement = 0.03", "max_top1_disagreement = 0.10")
+        .replace('mode = "full"', f'mode = "{mode}"', 1)
     )
     student = Path(__file__).parents[1] / "data" / "student_w8_trained.pt"
     return build_bundle(student, str(profile), root / "bundle")
+
+
+@pytest.fixture(scope="module")
+def pi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pi_bundle(tmp_path_factory.mktemp("pi"), "full")
+
+
+@pytest.fixture(scope="module")
+def pi_head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pi_bundle(tmp_path_factory.mktemp("pi-head"), "head-only")
 
 
 def _edge_message(soft_targets: str):  # type: ignore[no-untyped-def]
@@ -114,18 +124,19 @@ def test_an_edge_node_couples_its_temperature_and_seed_like_a_torch_node(
     from flwr.app import Context, RecordDict
 
     import edgekd.client.edge_client as edge
+    import edgekd.client.graph_trainer as graph
     from edgekd.core import records as R
     from edgekd.core.round_settings import round_seed, temperature_for_batch
 
-    # Prepare: record what the head step is given.
+    # Prepare: record what the step loop is given.
     calls: list[tuple[float, int, int]] = []
-    real = edge._local_head_kd
+    real = graph.local_full_kd
 
-    def spy(runtime, x, y, teacher, weight, bias, temperature, alpha, cw, common):  # type: ignore[no-untyped-def]
-        calls.append((temperature, common["batch_size"], common["seed"]))
-        return real(runtime, x, y, teacher, weight, bias, temperature, alpha, cw, common)
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((kwargs["temperature"], kwargs["batch_size"], kwargs["seed"]))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(edge, "_local_head_kd", spy)
+    monkeypatch.setattr(graph, "local_full_kd", spy)
     msg, _ = _edge_message("on-device")
 
     # Execute: partitions 1 and 2, the first with its own batch of 8.
@@ -145,8 +156,40 @@ def test_an_edge_node_couples_its_temperature_and_seed_like_a_torch_node(
 
 
 @pytest.mark.parametrize("soft_targets", ["proxy", "on-device"])
-def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
+def test_an_edge_round_trains_every_tensor_of_the_student(
     pi_bundle: Path, small_config, soft_targets: str
+) -> None:
+    # Prepare: a training message as the server's strategy sends it (after the codec mod).
+    from flwr.app import Context, RecordDict
+
+    from edgekd.client.edge_client import handle_edge_evaluate, handle_edge_train
+    from edgekd.core import records as R
+    from edgekd.wire.payload import record_to_state, state_to_record
+
+    msg, sent = _edge_message(soft_targets)
+    node = {"bundle": str(pi_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    # Execute
+    reply = handle_edge_train(small_config, msg, context)
+    got = record_to_state(reply.content.array_records[R.ARRAYS])
+    msg.content.array_records[R.ARRAYS] = state_to_record(got)
+    evaluated = handle_edge_evaluate(small_config, msg, context)
+
+    # Assert: every tensor moved, and the node says which runtime trained it
+    assert got.keys() == sent.keys()
+    for name in sent:
+        assert np.abs(got[name] - sent[name]).max() > 1e-5, name
+    metrics = reply.content.metric_records[R.METRICS]
+    assert metrics[R.NUM_EXAMPLES] > 0 and np.isfinite(metrics[R.TRAIN_LOSS])
+    assert metrics[R.BACKEND_METRICS["onnxruntime"]] == 1
+    accuracy = evaluated.content.metric_records[R.METRICS][R.ACCURACY]
+    assert 0.2 < accuracy <= 1.0  # a trained student on its own validation share
+
+
+@pytest.mark.parametrize("soft_targets", ["proxy", "on-device"])
+def test_a_head_only_edge_round_trains_the_head_and_returns_the_rest_as_received(
+    pi_head_bundle: Path, small_config, soft_targets: str
 ) -> None:
     # Prepare: a training message as the server's strategy sends it (after the codec mod).
     from flwr.app import Context, RecordDict
@@ -156,7 +199,7 @@ def test_edge_round_trains_the_head_and_returns_the_rest_as_received(
     from edgekd.wire.payload import record_to_state
 
     msg, sent = _edge_message(soft_targets)
-    node = {"bundle": str(pi_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}
+    node = {"bundle": str(pi_head_bundle), R.PARTITION_ID: 0, R.NUM_PARTITIONS: 4}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
     # Execute

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -121,3 +122,30 @@ def test_every_shipped_recipe_loads_and_validates() -> None:
         assert cfg != EdgeKDConfig(), f"{path.name} changes nothing"
     adapted = build_config(str(ROOT / "configs" / "device-adapted.toml"), None, {})
     assert adapted.kd.trust == "correct" and adapted.train.server_momentum == 0.5
+
+
+def test_client_backend_parses_and_places_mixed_nodes() -> None:
+    from edgekd.core.config import node_backend, parse_client_backend
+
+    assert parse_client_backend("litert") == ("litert", 0.0)
+    assert parse_client_backend("mixed:0.25") == ("mixed", 0.25)
+    assert [node_backend("mixed:0.5", pid, 4) for pid in range(4)] == [
+        "onnxruntime", "onnxruntime", "torch", "torch",
+    ]  # fmt: skip
+    assert node_backend("onnxruntime", 3, 4) == "onnxruntime"
+    for bad in ("tflite", "mixed", "mixed:1.5", "torch:1"):
+        with pytest.raises(ConfigError, match="client.backend: cannot read"):
+            parse_client_backend(bad)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"compression.quantize": "int8"}, "compression.quantize (QAT) needs"),
+        ({"kd.hint-weight": 0.5}, "kd.hint-weight needs the torch teacher"),
+        ({"continual.scenario": "class-incremental"}, "continual runs train on torch nodes"),
+    ],
+)
+def test_graph_backends_refuse_what_only_torch_nodes_do(overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        EdgeKDConfig().with_overrides({"client.backend": "onnxruntime", **overrides})

@@ -20,7 +20,8 @@ Writes, next to this script, for the width-8 fixture student ``student_w8.pt``:
   (tests/integration/test_edge_nodes.py);
 * ``train_steps/train_step_<family>_<optimizer>_b16.tflite``: the whole-student step
   (`edgekd.deploy.train_step`, signatures ``train`` and ``infer``) of every student in
-  ``tests/deploy/step_models.py``, for Adam and SGD (``--steps`` writes only these).
+  ``tests/deploy/step_models.py``, for Adam and SGD (``--steps`` writes only these;
+  ``--bundle`` only the android bundle, from the committed trained student).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def write_step_fixtures(here: Path) -> None:
 
 def main() -> None:
     here = Path(__file__).resolve().parent
+    if "--bundle" in sys.argv:
+        return write_android_bundle(here)
     write_step_fixtures(here)
     if "--steps" in sys.argv:
         return
@@ -104,8 +107,12 @@ def main() -> None:
     trained = here / "student_w8_trained.pt"
     train_student(here / "student_w8.pt", trained)
     print(f"wrote {trained.name}")
+    write_android_bundle(here)
+
+
+def write_android_bundle(here: Path) -> None:
     bundle = build_bundle(
-        trained,
+        here / "student_w8_trained.pt",
         "android",
         here / "bundles" / "android-w8",
         superlink="127.0.0.1:9092",

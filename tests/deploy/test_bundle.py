@@ -27,9 +27,10 @@ RUN_CONFIG = {"seed": 42}
 PI_FILES = {
     "student_int8.onnx",
     "student_fp32.onnx",
-    "features.onnx",
-    "head_step.onnx",
-    "head.npz",
+    "train_step.onnx",
+    "train_infer.onnx",
+    "step_layout.json",
+    "step_params.npz",
     "parity.npz",
     "client.toml",
     "edgekd-client.service",
@@ -87,7 +88,10 @@ def test_raspberry_pi_bundle_verifies_and_describes_itself(pi_bundle: Path) -> N
     assert manifest["build_host"]["onnxruntime"] == onnxruntime.__version__
     assert manifest["build_host"]["machine"] and "int8_kernel" in manifest["build_host"]
     assert manifest["files"]["student_fp32.onnx"]["parity"]["max_abs_logit_diff"] < 1e-4
-    assert manifest["files"]["head_step.onnx"]["parity"]["max_abs_weight_diff"] < 1e-4
+    step = manifest["files"]["train_step.onnx"]["parity"]
+    assert step["max_abs_logit_diff"] < 1e-4 and step["top1_agreement"] == 1.0
+    assert step["step"]["max_abs_gradient_diff"] < 1e-4
+    assert step["step"]["loss"] == pytest.approx(step["step"]["torch_loss"], rel=1e-5)
     assert int8["bytes"] < manifest["files"]["student_fp32.onnx"]["bytes"]
     client = tomllib.loads((pi_bundle / "client.toml").read_text())["client"]
     assert client["superlink"] == "10.1.2.3:9092"
@@ -101,11 +105,15 @@ def test_raspberry_pi_bundle_verifies_and_describes_itself(pi_bundle: Path) -> N
     assert "ExecStart=/opt/edgekd/venv/bin/edgekd client start --bundle /opt/edgekd/bundle" in unit
     readme = (pi_bundle / "README.md").read_text()
     assert "journalctl -u edgekd-client" in readme and "--no-deps" in readme
-    with np.load(pi_bundle / "head.npz") as head:
-        assert head["weight"].shape == (10, 160) and head["bias"].shape == (10,)
+    assert client["train_step"] == "train_step.onnx"
+    assert client["step_layout"] == "step_layout.json" and "head_step" not in client
+    layout = json.loads((pi_bundle / "step_layout.json").read_text())
+    assert layout["optimizer"] == "adam" and layout["names"][-1] == "head.bias"
+    with np.load(pi_bundle / "step_params.npz") as params:
+        assert params["head.weight"].shape == (10, 160) and len(params.files) == 8
 
 
-@pytest.mark.parametrize("name", ["student_int8.onnx", "head.npz", "client.toml"])
+@pytest.mark.parametrize("name", ["student_int8.onnx", "step_params.npz", "client.toml"])
 def test_changed_byte_is_named(pi_copy: Path, name: str) -> None:
     # Prepare: flip one byte in the middle of the file.
     path = pi_copy / name
@@ -119,9 +127,9 @@ def test_changed_byte_is_named(pi_copy: Path, name: str) -> None:
 
 
 def test_deleted_file_is_named(pi_copy: Path) -> None:
-    (pi_copy / "features.onnx").unlink()
+    (pi_copy / "train_step.onnx").unlink()
 
-    with pytest.raises(BundleError, match="file features.onnx missing"):
+    with pytest.raises(BundleError, match="file train_step.onnx missing"):
         load_bundle(pi_copy)
 
 
@@ -151,7 +159,8 @@ def test_check_bundle_reruns_parity_and_times_the_model(pi_bundle: Path) -> None
     assert result["verified_files"] == len(PI_FILES) - 1
     assert result["parity_samples"] == 1000  # PARITY_SAMPLES shipped
     assert result["host"] == result["build_host"]  # checked where it was built
-    assert set(result["parity"]) == {"student_int8.onnx", "student_fp32.onnx", "features.onnx"}
+    assert set(result["parity"]) == {"student_int8.onnx", "student_fp32.onnx", "train_step.onnx"}
+    assert result["parity"]["train_step.onnx"]["max_abs_logit_diff"] < 1e-4
     fp32 = result["parity"]["student_fp32.onnx"]
     assert fp32["max_abs_logit_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
     int8 = result["parity"]["student_int8.onnx"]
@@ -252,11 +261,34 @@ def test_android_bundle_runs_on_litert(tmp_path: Path) -> None:
 
     bundle = load_bundle(out)
     names = set(bundle.manifest["files"])
-    assert {"student.tflite", "features.tflite", "head_step.tflite", "head.npz"} <= names
-    assert "edgekd-client.service" not in names
+    assert {"student.tflite", "train_step.tflite", "step_layout.json", "step_params.npz"} <= names
+    assert "edgekd-client.service" not in names and "head.npz" not in names
     result = check_bundle(out, threads=1, runs=5)
     assert result["ok"], result["problems"]
-    assert result["parity"]["features.tflite"]["max_abs_logit_diff"] < 1e-4
+    assert result["parity"]["train_step.tflite"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_a_head_only_profile_ships_the_frozen_features_and_the_head_step(tmp_path: Path) -> None:
+    # Prepare: the raspberry-pi profile for a device too small for the full step
+    from edgekd.deploy.profiles import load_profile
+
+    run = _run_dir(tmp_path)
+    text = Path(load_profile("raspberry-pi").source).read_text()
+    small = tmp_path / "pi-zero.toml"
+    small.write_text(text.replace('mode = "full"', 'mode = "head-only"', 1))
+
+    # Execute
+    out = build_bundle(run / "student.pt", small, tmp_path / "bundle")
+
+    # Assert
+    names = set(load_bundle(out).manifest["files"])
+    assert {"features.onnx", "head_step.onnx", "head.npz"} <= names
+    assert not names & {"train_step.onnx", "step_layout.json", "step_params.npz"}
+    manifest = load_bundle(out).manifest
+    assert manifest["files"]["head_step.onnx"]["parity"]["max_abs_weight_diff"] < 1e-4
+    result = check_bundle(out, threads=1, runs=5)
+    assert result["ok"], result["problems"]
+    assert result["parity"]["features.onnx"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_commands_build_and_check_exit_codes(

@@ -86,6 +86,7 @@ def _autograd_steps(
             temperature=tau,
             alpha=alpha,
             sample_weights=sample_weights_for(labels, class_weights),
+            weight_ce=hyper["weight_ce"] > 0,
             trust_correct=hyper["trust_correct"] > 0,
         )
         opt.zero_grad()
@@ -120,7 +121,7 @@ def _graph_steps(
     state = [np.zeros_like(p) for p in params] * 2
     weights, state1, losses = [], [], []
     for step, (x, labels, teacher, class_weights) in enumerate(batches, start=1):
-        keys = ("temperature", "alpha", "lr", "clip_norm", "step", "trust_correct")
+        keys = ("temperature", "alpha", "lr", "clip_norm", "step", "trust_correct", "weight_ce")
         scalars = [np.float32(step if key == "step" else hyper[key]) for key in keys]
         feeds = [t.numpy() for t in (x, labels, teacher, class_weights)] + scalars
         outputs = run(feeds + params + [masks[n].numpy() for n in layout.names] + state)
@@ -167,9 +168,15 @@ def _runner(backend: str, family: str, model: nn.Module, layout: StepLayout, tmp
     return _tflite_runner(family, layout)
 
 
-KD = {"temperature": 3.0, "alpha": 0.4, "lr": 0.01, "clip_norm": 2.0, "trust_correct": 0.0}
-#: Clipping that binds and the per-sample alpha of kd.trust = "correct".
-TRUST = {"temperature": 1.5, "alpha": 0.2, "lr": 0.02, "clip_norm": 0.5, "trust_correct": 1.0}
+KD = {
+    "temperature": 3.0, "alpha": 0.4, "lr": 0.01, "clip_norm": 2.0, "trust_correct": 0.0,
+    "weight_ce": 0.0,
+}  # fmt: skip
+#: Clipping that binds, the per-sample alpha of kd.trust = "correct", class-weighted CE.
+TRUST = {
+    "temperature": 1.5, "alpha": 0.2, "lr": 0.02, "clip_norm": 0.5, "trust_correct": 1.0,
+    "weight_ce": 1.0,
+}  # fmt: skip
 BACKENDS = ["torch", "onnx", "tflite"]
 
 

@@ -78,6 +78,11 @@ def _run(
         (lambda: _content(**{R.NUM_EXAMPLES: float("inf")}), "metric 'num-examples' is inf"),
         (lambda: _content(**{R.NUM_EXAMPLES: 10**9}), "not a whole number in [1, 1000000]"),
         (lambda: _content(**{R.NUM_EXAMPLES: 2.5}), "num-examples 2.5 is not"),
+        (lambda: _content(**{"updates-torch": 2}), "metric 'updates-torch' is 2, not 1"),
+        (
+            lambda: _content(**{"updates-torch": 1, "updates-litert": 1}),
+            "unexpected ['updates-torch']",
+        ),
     ],
 )
 def test_a_malformed_reply_is_rejected_every_round_and_the_rest_averaged(
@@ -121,6 +126,18 @@ def test_a_node_with_an_empty_share_is_counted_not_rejected_and_not_averaged() -
         ledger = strategy.ledger[rnd]
         assert (ledger.replies, ledger.empty, ledger.rejected, ledger.skipped) == (4, 1, 0, 0)
         assert ledger.reasons == []
+    np.testing.assert_allclose(final["w"], HONEST)
+
+
+def test_updates_are_counted_by_the_backend_their_node_names() -> None:
+    # Prepare: nodes 1-3 say nothing (a continual or older node), node 4 trained on LiteRT
+    strategy, final = _run(lambda: _content(**{R.BACKEND_METRICS["litert"]: 1}))
+
+    # Assert: counted, never averaged into the metrics, and the round as usual
+    for rnd in (1, 2):
+        ledger = strategy.ledger[rnd]
+        assert (ledger.updates_litert, ledger.updates_torch, ledger.rejected) == (1, 0, 0)
+        assert "updates_litert" in ledger.counters()
     np.testing.assert_allclose(final["w"], HONEST)
 
 

@@ -29,6 +29,10 @@ from edgekd.deploy.bundle.layout import (
     PARITY_DATA,
     PARITY_SAMPLES,
     REFERENCE,
+    STEP_LAYOUT,
+    STEP_PARAMS,
+    TRAIN_INFER,
+    TRAIN_STEP,
     BundleError,
     _Artifact,
     _sha256,
@@ -173,12 +177,68 @@ def _exports(student: _Student, profile: DeviceProfile) -> _Exports:
     reference = torch_predictor(model)(test_x)
     head_weight, head_bias, num_features = _head_of(model, profile)
     artifacts, notes = _model_artifacts(model, student.path, profile, data)
+    if profile.backend != "torch":
+        artifacts += _training_artifacts(model, profile, data, student.cfg.train.optimizer)
     notes = [student.note, *notes] if student.note else notes
     n = min(PARITY_SAMPLES, len(test_y))
     artifacts.append(_npz(PARITY_DATA, x=test_x[:n], y=test_y[:n], logits=reference[:n]))
-    if profile.training_mode == "head-only":
+    if profile.training_mode == "head-only" and profile.backend != "torch":
         artifacts.append(_npz(HEAD, weight=head_weight, bias=head_bias))
     return _Exports(artifacts, notes, reference, num_features, n)
+
+
+def _training_artifacts(
+    model: nn.Module, profile: DeviceProfile, data: FederatedData, optimizer: str
+) -> list[_Artifact]:
+    """What a torch-free device trains with: the whole student's step graph, its layout
+    and starting tensors (``mode = "full"``), or the frozen features and the head step
+    (``mode = "head-only"``)."""
+    shape, batch = data.input_shape, profile.training_batch_size
+    litert = profile.backend == "litert"
+    from edgekd.deploy.train_step import export_infer_onnx, export_train_step_onnx, layout_for
+
+    try:
+        if profile.training_mode == "head-only":
+            return _head_only_artifacts(model, profile, data)
+        layout = layout_for(model, shape, data.num_classes, optimizer)
+        if litert:
+            from edgekd.deploy.tflite_export import export_train_step_tflite
+
+            step = export_train_step_tflite(model, layout, batch)
+            graphs = [
+                _Artifact(
+                    "train_step.tflite",
+                    step,
+                    TRAIN_STEP,
+                    "fp32",
+                    f"{optimizer}; static batch {batch}; signatures train and infer",
+                )  # fmt: skip
+            ]
+        else:
+            graphs = [
+                _Artifact(
+                    "train_step.onnx",
+                    slim_onnx(export_train_step_onnx(model, layout)),
+                    TRAIN_STEP,
+                    "fp32",
+                    f"{optimizer}; forward, backward and update, every tensor",
+                ),  # fmt: skip
+                _Artifact(
+                    "train_infer.onnx",
+                    slim_onnx(export_infer_onnx(model, layout)),
+                    TRAIN_INFER,
+                    "fp32",
+                    "logits with the trained tensors as inputs",
+                ),  # fmt: skip
+            ]
+    except (TypeError, ImportError) as exc:  # a layer with no step graph, no converter
+        raise BundleError(f"target {profile.name}: {exc}") from None
+    params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
+    return [
+        *graphs,
+        _Artifact(STEP_LAYOUT, (layout.to_json() + "\n").encode()),
+        _npz(STEP_PARAMS, **params),
+    ]
 
 
 def _check_budget(artifacts: list[_Artifact], profile: DeviceProfile) -> None:
@@ -208,7 +268,9 @@ def _fill_bundle(
     artifacts, data = exports.artifacts, student.data
     for artifact in artifacts:
         (tmp / artifact.name).write_bytes(artifact.data)
-    parity = build_parity(tmp, artifacts, profile, data.test.x, data.test.y, exports.reference)
+    parity = build_parity(
+        tmp, artifacts, profile, data.test.x, data.test.y, exports.reference, student.model
+    )
     _check_budget(artifacts, profile)
     texts = _text_files(profile, artifacts, superlink, data_dir)
     for name, text in texts.items():
@@ -378,8 +440,6 @@ def _model_artifacts(
     shape = data.input_shape
     notes: list[str] = []
     if profile.backend == "onnxruntime":
-        from edgekd.deploy.head_step import export_feature_extractor_onnx, export_head_step_onnx
-
         fp32 = slim_onnx(export_onnx_bytes(model, shape))
         artifacts = [_Artifact("student_fp32.onnx", fp32, REFERENCE, "fp32")]
         if profile.precision == "int8":
@@ -388,13 +448,6 @@ def _model_artifacts(
             artifacts.insert(0, _Artifact("student_int8.onnx", int8, INFERENCE, "int8"))
         else:
             artifacts[0].role = INFERENCE
-        weight, _, _ = _head_of(model, profile)
-        features = slim_onnx(export_feature_extractor_onnx(model, shape))
-        step = export_head_step_onnx(int(weight.shape[1]), data.num_classes)
-        artifacts += [
-            _Artifact("features.onnx", features, FEATURES, "fp32"),
-            _Artifact("head_step.onnx", slim_onnx(step), HEAD_STEP, "fp32"),
-        ]
         return artifacts, notes
     if profile.backend == "litert":
         return _litert_artifacts(model, profile, data)
@@ -410,11 +463,7 @@ def _litert_artifacts(
     model: nn.Module, profile: DeviceProfile, data: FederatedData
 ) -> tuple[list[_Artifact], list[str]]:
     try:
-        from edgekd.deploy.tflite_export import (
-            export_features_tflite,
-            export_head_step_tflite,
-            export_student_tflite,
-        )
+        from edgekd.deploy.tflite_export import export_student_tflite
 
         fp32 = export_student_tflite(model, data.input_shape, batch_size=1)
     except ImportError as exc:
@@ -433,16 +482,38 @@ def _litert_artifacts(
     if not any(a.role == INFERENCE for a in artifacts):
         artifacts[0].role = INFERENCE
         artifacts[0].note = "FP32: no INT8 export"
-    batch = profile.training_batch_size
+    return artifacts, notes
+
+
+def _head_only_artifacts(
+    model: nn.Module, profile: DeviceProfile, data: FederatedData
+) -> list[_Artifact]:
+    """The frozen feature extractor and the closed-form head step (``head-only``)."""
+    shape, batch = data.input_shape, profile.training_batch_size
     weight, _, _ = _head_of(model, profile)
-    artifacts += [
+    if profile.backend == "onnxruntime":
+        from edgekd.deploy.head_step import export_feature_extractor_onnx, export_head_step_onnx
+
+        step = export_head_step_onnx(int(weight.shape[1]), data.num_classes)
+        return [
+            _Artifact(
+                "features.onnx",
+                slim_onnx(export_feature_extractor_onnx(model, shape)),
+                FEATURES,
+                "fp32",
+            ),  # fmt: skip
+            _Artifact("head_step.onnx", slim_onnx(step), HEAD_STEP, "fp32"),
+        ]
+    from edgekd.deploy.tflite_export import export_features_tflite, export_head_step_tflite
+
+    return [
         _Artifact(
             "features.tflite",
-            export_features_tflite(model, data.input_shape, batch),
+            export_features_tflite(model, shape, batch),
             FEATURES,
             "fp32",
             f"static batch {batch}",
-        ),
+        ),  # fmt: skip
         _Artifact(
             "head_step.tflite",
             export_head_step_tflite(int(weight.shape[1]), data.num_classes, batch),
@@ -451,7 +522,6 @@ def _litert_artifacts(
             f"static batch {batch}; signatures train and infer",
         ),
     ]
-    return artifacts, notes
 
 
 # ------------------------------------------------------------------ manifest

@@ -17,6 +17,10 @@ from edgekd.deploy.bundle.layout import (
     INFERENCE,
     PARITY_DATA,
     REFERENCE,
+    STEP_LAYOUT,
+    STEP_PARAMS,
+    TRAIN_INFER,
+    TRAIN_STEP,
     Bundle,
     BundleError,
     load_bundle,
@@ -66,6 +70,39 @@ def _feature_path_parity(
         model_file=features,
         precision="fp32",
         runtime=f"{kind} features + {HEAD}",
+    )
+
+
+def step_graph_runtime(folder: Path, step: str, infer: str | None) -> Any:
+    """The runtime of a bundle's whole-student step graph, with its layout."""
+    from edgekd.deploy.step_layout import StepLayout
+    from edgekd.deploy.step_runtime import step_runtime_for
+
+    layout = StepLayout.from_json((folder / STEP_LAYOUT).read_text())
+    return step_runtime_for(str(folder / step), str(folder / infer) if infer else None, layout)
+
+
+def step_params(folder: Path, names: tuple[str, ...]) -> list[np.ndarray]:
+    """The student's tensors the bundle's step graph starts from, in layout order."""
+    with np.load(folder / STEP_PARAMS) as params:
+        return [np.asarray(params[name], np.float32) for name in names]
+
+
+def _step_graph_parity(
+    folder: Path, step: str, infer: str | None, x: np.ndarray, y: np.ndarray, reference: np.ndarray
+) -> ParityResult:
+    """The graphs the device trains, at inference: the student's logits from the step
+    file's ``infer`` (LiteRT) or the ONNX ``train_infer`` graph, with the shipped tensors
+    (at build time and in `check_bundle`)."""
+    runtime = step_graph_runtime(folder, step, infer)
+    kind = "litert" if step.endswith(".tflite") else "onnxruntime"
+    return measure_parity(
+        runtime.logits(x, step_params(folder, runtime.layout.names)),
+        reference,
+        y,
+        model_file=step,
+        precision="fp32",
+        runtime=f"{kind} {infer or 'infer signature'} + {STEP_PARAMS}",
     )
 
 
@@ -141,12 +178,15 @@ def _check_loaded(bundle: Bundle, threads: int, runs: int) -> dict[str, Any]:
 
     problems: list[str] = []
     parity: dict[str, dict[str, Any]] = {}
-    for name in bundle.files_with_role(INFERENCE, REFERENCE, FEATURES):
+    for name in bundle.files_with_role(INFERENCE, REFERENCE, FEATURES, TRAIN_STEP):
         entry = bundle.manifest["files"][name]
         try:
             if entry["role"] == FEATURES:
                 step = bundle.files_with_role(HEAD_STEP)[0]
                 result = _feature_path_parity(bundle.path, name, step, x, y, reference)
+            elif entry["role"] == TRAIN_STEP:
+                infer = next(iter(bundle.files_with_role(TRAIN_INFER)), None)
+                result = _step_graph_parity(bundle.path, name, infer, x, y, reference)
             elif name == bundle.inference_model.name:
                 result = measure_parity(
                     predict(x), reference, y, model_file=name, precision=precision, runtime=runtime

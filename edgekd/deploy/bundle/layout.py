@@ -39,6 +39,11 @@ DEFAULT_SUPERLINK = "127.0.0.1:9092"  # Flower's Fleet API port; set the real ho
 PARITY_SAMPLES = 1000
 # Roles of the model files; "inference" is the one the device serves with.
 INFERENCE, REFERENCE, FEATURES, HEAD_STEP = "inference", "reference", "features", "head-step"
+# The whole-student step (profile [training] mode = "full" on onnxruntime / LiteRT): the
+# step graph (a .tflite file holds the `infer` signature too; ONNX has its own
+# TRAIN_INFER graph), its input layout and the student's tensors it starts from.
+TRAIN_STEP, TRAIN_INFER = "train-step", "train-infer"
+STEP_LAYOUT, STEP_PARAMS = "step_layout.json", "step_params.npz"
 
 
 class BundleError(EdgeKDError, ValueError):
@@ -80,7 +85,7 @@ class Bundle:
 class _Artifact:
     name: str
     data: bytes
-    role: str = ""  # INFERENCE | REFERENCE | FEATURES | HEAD_STEP | "" (not a model)
+    role: str = ""  # INFERENCE | REFERENCE | FEATURES | HEAD_STEP | TRAIN_STEP | TRAIN_INFER | ""
     precision: str = ""
     note: str = ""
 

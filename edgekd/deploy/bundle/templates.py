@@ -19,6 +19,9 @@ from edgekd.deploy.bundle.layout import (
     README,
     REFERENCE,
     SERVICE,
+    STEP_LAYOUT,
+    TRAIN_INFER,
+    TRAIN_STEP,
     _Artifact,
 )
 from edgekd.deploy.profiles import DeviceProfile
@@ -64,6 +67,15 @@ def _client_toml(
     ]
     if REFERENCE in by_role:
         lines.append(f"reference_model = {_toml_string(by_role[REFERENCE])}  # FP32 export")
+    if TRAIN_STEP in by_role:
+        lines.append(
+            f"train_step = {_toml_string(by_role[TRAIN_STEP])}  # KD step of the whole student"
+        )
+        if TRAIN_INFER in by_role:
+            lines.append(
+                f"train_infer = {_toml_string(by_role[TRAIN_INFER])}  # logits, weights as inputs"
+            )
+        lines.append(f"step_layout = {_toml_string(STEP_LAYOUT)}  # the step graph's inputs")
     if FEATURES in by_role:
         lines += [
             f"features = {_toml_string(by_role[FEATURES])}  # frozen feature extractor",
@@ -137,6 +149,11 @@ def _readme(profile: DeviceProfile, artifacts: list[_Artifact], superlink: str) 
     files = "\n".join(
         f"| `{a.name}` | {a.role or 'data'} | {a.precision or '-'} | {a.note} |" for a in artifacts
     )
+    training = (
+        "`train_step.tflite` (signatures `train`, `infer`)"
+        if any(a.role == TRAIN_STEP for a in artifacts)
+        else "`features.tflite` and `head_step.tflite` (signatures `train`, `infer`)"
+    )
     if profile.backend == "litert":
         copy = (
             "adb push bundle /data/local/tmp/edgekd-bundle      # or copy it into the app\n"
@@ -147,8 +164,8 @@ def _readme(profile: DeviceProfile, artifacts: list[_Artifact], superlink: str) 
             "edgekd client start --bundle ~/edgekd/bundle\n"
             "```\n\n"
             "There is no Kotlin SuperNode: this Python LiteRT client is the reference. An app\n"
-            "embeds `features.tflite` and `head_step.tflite` (signatures `train`, `infer`)\n"
-            "with the LiteRT Android runtime and must speak Flower's Fleet API itself.\n\n"
+            f"embeds {training} with the LiteRT Android runtime and must speak Flower's\n"
+            "Fleet API itself.\n\n"
             "Logs: the client prints to its terminal; run it under `nohup ... > client.log`\n"
             "to keep them.\n"
         )
