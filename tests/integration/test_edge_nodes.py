@@ -1,7 +1,8 @@
 """Edge devices end to end: a SuperLink on loopback (TLS), two SuperNodes started with
 `edgekd client start --bundle` — one Raspberry Pi bundle (onnxruntime), one Android
 bundle (LiteRT) — in an environment where ``import torch`` fails, and the edgekd
-ServerApp for two rounds, starting from the bundles' student.
+ServerApp for two rounds, starting from the bundles' student. Both nodes train every
+tensor of the student through their bundle's step graph.
 
 The Android bundle is committed (tests/data/bundles/android-w8, made by
 tests/data/make_tflite_fixtures.py: CI has no TFLite converter); the Pi bundle is built
@@ -74,8 +75,13 @@ def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path
         settings=[
             "--rounds",
             "2",
+            # 8 000 samples a domain: a teacher that knows more than the student (0.755
+            # against 0.598 on the devices' test split) and 3 200 labelled samples a node;
+            # train.lr 0.003, a gentler Adam step for a student that starts converged.
             "--set",
-            "data.num-samples=4000",
+            "data.num-samples=8000",
+            "--set",
+            "train.lr=0.003",
             "--set",
             "data.partition=iid",
             "--set",
@@ -84,7 +90,7 @@ def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path
             f"model.student-path={STUDENT}",
             "--set",
             "model.student-width=8",
-            # Edge nodes keep the bundle's feature extractor: so does the server.
+            # No server-side step: what changes in the student is the nodes' training.
             "--set",
             "kd.server-distill-epochs=0",
             "--set",
@@ -96,19 +102,24 @@ def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path
         ],
     )
 
-    # Assert: both nodes' updates were accepted and averaged in both rounds...
+    # Assert: both nodes' updates were accepted and averaged in both rounds, one trained
+    # by each runtime...
     for rnd in report["rounds"][1:]:
         assert (rnd["replies"], rnd["rejected"], rnd["failures"]) == (2, 0, 0), rnd
+        assert (rnd["updates_onnxruntime"], rnd["updates_litert"], rnd["updates_torch"]) == (
+            1,
+            1,
+            0,
+        )
         assert rnd["federated_accuracy"] is not None  # both runtimes evaluated, too
+    assert report["updates_by_backend"] == {"torch": 0, "onnxruntime": 2, "litert": 2}
     for name in ("pi", "android"):
         log = (tmp_path / f"node-{name}.log").read_text(errors="replace")
         assert log.count("Sending: train message") == 2, log[-3000:]
-    # ...and what they trained is the head: the features are the bundles' own.
+    # ...they trained every tensor of the student, without torch...
     before, after = _state(STUDENT), _state(tmp_path / "run" / "student.pt")
     for name in before:
-        if name.startswith("features."):
-            np.testing.assert_allclose(after[name], before[name], atol=1e-6, err_msg=name)
-    assert np.abs(after["head.weight"] - before["head.weight"]).max() > 1e-3
-    # Head-only KD keeps what the student knew (a step size that diverges would not).
+        assert np.abs(after[name] - before[name]).max() > 1e-4, name
+    # ...and the student is better for it.
     accuracy = [r["accuracy"] for r in report["rounds"]]
-    assert accuracy[-1] >= accuracy[0] - 0.03, accuracy
+    assert accuracy[-1] > accuracy[0], accuracy
