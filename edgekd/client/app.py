@@ -28,6 +28,7 @@ from edgekd.client.edge_client import (
     handle_edge_evaluate,
     handle_edge_train,
     torch_placement,
+    train_reply,
 )
 from edgekd.client.faults import make_fault_mod
 from edgekd.core import records as R
@@ -36,7 +37,7 @@ from edgekd.core.data import ArrayDataset, client_split, load_federated_data
 from edgekd.core.round_settings import RoundSettings, config_scalar
 from edgekd.core.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
-from edgekd.wire.payload import record_to_state, state_to_record
+from edgekd.wire.payload import record_to_state
 
 TORCH_FREE_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train without torch
 
@@ -94,20 +95,9 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
         new_state, metrics = graph_kd_update(
             runtime, state, train, settings, teacher_logits=logits, proxy=proxy, masks=masks
         )
-    reply = RecordDict(
-        {
-            R.ARRAYS: state_to_record(new_state),
-            R.METRICS: MetricRecord(
-                {
-                    R.TRAIN_LOSS: float(metrics[R.TRAIN_LOSS]),
-                    "temperature": float(metrics["temperature"]),
-                    R.NUM_EXAMPLES: len(train),
-                    R.BACKEND_METRICS[backend]: 1,
-                }
-            ),
-        }
+    return train_reply(
+        msg, new_state, metrics[R.TRAIN_LOSS], metrics["temperature"], len(train), backend
     )
-    return Message(content=reply, reply_to=msg)
 
 
 def _simulated_backend(cfg: EdgeKDConfig, context: Context) -> str:

@@ -121,20 +121,9 @@ def handle_edge_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Mess
         )  # fmt: skip
     state = dict(received)
     state[HEAD_WEIGHT], state[HEAD_BIAS] = weight, bias
-    reply = RecordDict(
-        {
-            R.ARRAYS: state_to_record(state),
-            R.METRICS: MetricRecord(
-                {
-                    R.TRAIN_LOSS: float(metrics["loss"]),
-                    "temperature": temperature,
-                    R.NUM_EXAMPLES: len(train),
-                    R.BACKEND_METRICS[bundle.profile.backend]: 1,
-                }
-            ),
-        }
+    return train_reply(
+        msg, state, float(metrics["loss"]), temperature, len(train), bundle.profile.backend
     )
-    return Message(content=reply, reply_to=msg)
 
 
 def _full_train(cfg: EdgeKDConfig, msg: Message, context: Context, bundle: Any) -> Message:
@@ -159,20 +148,30 @@ def _full_train(cfg: EdgeKDConfig, msg: Message, context: Context, bundle: Any) 
         runtime, state, train, settings, teacher_logits=teacher, proxy=proxy,
         masks=masks_from_message(msg.content),
     )  # fmt: skip
-    reply = RecordDict(
-        {
-            R.ARRAYS: state_to_record(new_state),
-            R.METRICS: MetricRecord(
-                {
-                    R.TRAIN_LOSS: float(metrics[R.TRAIN_LOSS]),
-                    "temperature": float(metrics["temperature"]),
-                    R.NUM_EXAMPLES: len(train),
-                    R.BACKEND_METRICS[bundle.profile.backend]: 1,
-                }
-            ),
-        }
-    )
-    return Message(content=reply, reply_to=msg)
+    return train_reply(
+        msg, new_state, metrics[R.TRAIN_LOSS], metrics["temperature"], len(train),
+        bundle.profile.backend,
+    )  # fmt: skip
+
+
+def train_reply(
+    msg: Message,
+    state: Mapping[str, np.ndarray],
+    loss: float,
+    temperature: float,
+    num_examples: int,
+    backend: str,
+) -> Message:
+    """A training reply as every kind of node sends it: the student, the loss, the
+    temperature it trained at, its example count and the runtime that trained it."""
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        R.TRAIN_LOSS: float(loss),
+        "temperature": float(temperature),
+        R.NUM_EXAMPLES: int(num_examples),
+        R.BACKEND_METRICS[backend]: 1,
+    }
+    content = RecordDict({R.ARRAYS: state_to_record(state), R.METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
 
 
 def handle_edge_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:

@@ -16,15 +16,18 @@ This module never imports flwr.
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import onnx
 import torch
 from torch import Tensor, nn
 
 from edgekd.core.records import HEAD_STEP_INPUTS, HEAD_STEP_OUTPUTS
-from edgekd.deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_bytes
+from edgekd.deploy.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_graph_onnx,
+    export_onnx_bytes,
+)
 
 __all__ = [
     "FEATURES_INPUT",
@@ -36,6 +39,7 @@ __all__ = [
     "example_head_step_inputs",
     "export_feature_extractor_onnx",
     "export_head_step_onnx",
+    "kd_loss_and_logit_gradient",
     "split_student",
 ]
 
@@ -44,6 +48,55 @@ FEATURES_INPUT = INPUT_NAME
 FEATURES_OUTPUT = "features"
 #: Opset of the exported step (that of `edgekd.deploy.onnx_export`).
 ONNX_OPSET = 17
+
+
+def kd_loss_and_logit_gradient(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor,
+    class_weights: Tensor,
+    tau: Tensor,
+    alpha: Tensor,
+    trust: Tensor,
+    weight_ce: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The class-weighted KD loss of a batch and its gradient with respect to the logits,
+    in closed form with plain tensor ops (the formula: :class:`HeadKDStep`; both on-device
+    steps start their backward here).
+
+    ``a_i = alpha``, or 1 where ``trust`` is 1 and the teacher's top class is not ``y_i``
+    (`edgekd.learn.kd.class_balanced_kd_loss`'s ``trust_correct``); the CE term is scaled
+    by ``v_i = w_i`` where ``weight_ce`` is 1, else 1. A row with label ``-1`` (padding)
+    adds nothing to the loss, the gradient or the count ``n``.
+    """
+    num_classes = logits.shape[1]
+    classes = torch.arange(num_classes, dtype=labels.dtype, device=labels.device)
+    one_hot = (labels.unsqueeze(1) == classes.unsqueeze(0)).to(logits.dtype)
+    row_mask = one_hot.sum(dim=1)
+    count = row_mask.sum().clamp_min(1.0)
+    # Gathering by a matmul with the one-hot keeps padded rows at weight 0 and needs
+    # no integer gather (which the TFLite converter handles less uniformly).
+    sample_weights = one_hot @ class_weights
+    # The teacher is right where its logit of the label is its largest one.
+    teacher_right = (one_hot * teacher_logits).sum(dim=1) >= teacher_logits.amax(dim=1)
+    a = alpha + (1.0 - alpha) * trust * (1.0 - teacher_right.to(logits.dtype))
+
+    log_s = torch.log_softmax(logits, dim=1)
+    log_q = torch.log_softmax(logits / tau, dim=1)
+    log_p = torch.log_softmax(teacher_logits / tau, dim=1)
+    p = torch.exp(log_p)
+    ce = -(one_hot * log_s).sum(dim=1)
+    # p * (log p - log q): p > 0 here (a softmax), and an underflowed p = 0 meets a
+    # finite log p, so this equals the xlogy form of class_balanced_kd_loss.
+    kl = (p * (log_p - log_q)).sum(dim=1)
+    ce_weights = 1.0 + weight_ce * (sample_weights - 1.0)
+    per_sample = a * ce_weights * ce + (1.0 - a) * tau * tau * sample_weights * kl
+    loss = (row_mask * per_sample).sum() / count
+
+    grad_ce = (torch.exp(log_s) - one_hot) * ce_weights.unsqueeze(1)
+    grad_kd = (torch.exp(log_q) - p) * (tau * sample_weights).unsqueeze(1)
+    per_row = a.unsqueeze(1) * grad_ce + (1.0 - a).unsqueeze(1) * grad_kd
+    return loss, per_row * (row_mask / count).unsqueeze(1)
 
 
 class HeadKDStep(nn.Module):
@@ -103,32 +156,11 @@ class HeadKDStep(nn.Module):
         tau = temperature.reshape(())
         a = alpha.reshape(())
         step = lr.reshape(())
-        num_classes = weight.shape[0]
-
+        zero = torch.zeros((), dtype=features.dtype)
         logits = features @ weight.t() + bias
-        classes = torch.arange(num_classes, dtype=labels.dtype, device=labels.device)
-        one_hot = (labels.unsqueeze(1) == classes.unsqueeze(0)).to(features.dtype)
-        row_mask = one_hot.sum(dim=1)
-        count = row_mask.sum().clamp_min(1.0)
-        # Gathering by a matmul with the one-hot keeps padded rows at weight 0 and needs
-        # no integer gather (which the TFLite converter handles less uniformly).
-        sample_weights = one_hot @ class_weights
-
-        log_s = torch.log_softmax(logits, dim=1)
-        log_q = torch.log_softmax(logits / tau, dim=1)
-        log_p = torch.log_softmax(teacher_logits / tau, dim=1)
-        p = torch.exp(log_p)
-
-        ce = -(one_hot * log_s).sum(dim=1)
-        # p * (log p - log q): p > 0 here (a softmax), and an underflowed p = 0 meets a
-        # finite log p, so this equals the xlogy form of class_balanced_kd_loss.
-        kl = (p * (log_p - log_q)).sum(dim=1)
-        per_sample = a * ce + (1.0 - a) * tau * tau * sample_weights * kl
-        loss = (row_mask * per_sample).sum() / count
-
-        grad_ce = torch.exp(log_s) - one_hot
-        grad_kd = (torch.exp(log_q) - p) * (tau * sample_weights).unsqueeze(1)
-        grad_logits = (a * grad_ce + (1.0 - a) * grad_kd) * (row_mask / count).unsqueeze(1)
+        loss, grad_logits = kd_loss_and_logit_gradient(
+            logits, labels, teacher_logits, class_weights, tau, a, trust=zero, weight_ce=zero
+        )
 
         grad_weight = grad_logits.t() @ features
         grad_bias = grad_logits.sum(dim=0)
@@ -175,25 +207,13 @@ def export_head_step_onnx(num_features: int, num_classes: int) -> bytes:
         raise ValueError(
             f"num_features and num_classes must be positive, got {num_features}, {num_classes}"
         )
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            HeadKDStep(),
-            example_head_step_inputs(num_features, num_classes, batch_size=2),
-            buffer,  # type: ignore[arg-type]  # file-like objects are accepted
-            input_names=list(HEAD_STEP_INPUTS),
-            output_names=list(HEAD_STEP_OUTPUTS),
-            dynamic_axes={
-                "features": {0: "batch"},
-                "labels": {0: "batch"},
-                "teacher_logits": {0: "batch"},
-            },
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-            external_data=False,
-        )
-    return buffer.getvalue()
+    return export_graph_onnx(
+        HeadKDStep(),
+        example_head_step_inputs(num_features, num_classes, batch_size=2),
+        list(HEAD_STEP_INPUTS),
+        list(HEAD_STEP_OUTPUTS),
+        ("features", "labels", "teacher_logits"),
+    )
 
 
 def split_student(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

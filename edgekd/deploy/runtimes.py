@@ -176,14 +176,16 @@ class OrtRuntime:
         return self.head_logits(self.features(x), weight, bias)
 
 
-def _load_litert_interpreter(path: str, threads: int) -> Any:
+def _load_litert_interpreter(path: str | bytes, threads: int) -> Any:
+    """A LiteRT interpreter of a ``.tflite`` file (its path, or its bytes)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise ImportError(
             "the LiteRT runtime needs the LiteRT interpreter: pip install ai-edge-litert"
         ) from exc
-    return Interpreter(model_path=path, num_threads=threads)
+    source = {"model_content": path} if isinstance(path, bytes) else {"model_path": path}
+    return Interpreter(**source, num_threads=threads)
 
 
 def _positional_key(name: str) -> tuple[int, str]:

@@ -21,6 +21,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgekd.deploy.runtimes import (
+    PAD_LABEL,
+    _load_litert_interpreter,
+    _positional_key,
+    _signature_inputs,
+)
 from edgekd.deploy.step_layout import StepLayout
 
 if TYPE_CHECKING:
@@ -34,8 +40,6 @@ __all__ = [
     "step_runtime_for",
 ]
 
-#: Label of a padded row: the step graph gives it zero loss, gradient and count.
-PAD_LABEL = -1
 #: Rows per inference call (bounds memory, not results).
 _INFER_CHUNK = 1024
 
@@ -110,12 +114,6 @@ class OrtStepRuntime:
         )
 
 
-def _positional_key(name: str) -> tuple[int, str]:
-    """Sort key for converter names ``args_0, args_1, ...`` / ``output_0, ...`` by index."""
-    tail = name.rsplit("_", 1)[-1]
-    return (int(tail) if tail.isdigit() else -1, name)
-
-
 class LiteRTStepRuntime:
     """LiteRT: one ``.tflite`` file with ``train`` and ``infer`` signatures, static batch.
 
@@ -125,34 +123,22 @@ class LiteRTStepRuntime:
 
     def __init__(self, model: str | bytes, layout: StepLayout, *, threads: int = 1):
         """``model``: the ``.tflite`` file's path or its bytes."""
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as exc:
-            raise ImportError(
-                "the LiteRT runtime needs the LiteRT interpreter: pip install ai-edge-litert"
-            ) from exc
         self.layout = layout
-        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
-        self._interp = Interpreter(**source, num_threads=threads)
+        self._interp = _load_litert_interpreter(model, threads)
         name = "the step file" if isinstance(model, bytes) else model
         missing = {"train", "infer"} - set(self._interp.get_signature_list())
         if missing:
             raise ValueError(f"{name} lacks the signature(s) {sorted(missing)}")
         self._train = self._interp.get_signature_runner("train")
         self._infer = self._interp.get_signature_runner("infer")
-        self._train_inputs = self._inputs(self._train)
-        self._infer_inputs = self._inputs(self._infer)
+        self._train_inputs = _signature_inputs(self._train)
+        self._infer_inputs = _signature_inputs(self._infer)
         if len(self._train_inputs) != len(layout.input_names()):
             raise ValueError(
                 f"{name}: train signature has {len(self._train_inputs)} inputs, "
                 f"its layout {len(layout.input_names())}"
             )
         self.batch_size: int | None = self._train_inputs[0][2][0]
-
-    @staticmethod
-    def _inputs(runner: Any) -> list[tuple[str, Any, tuple[int, ...]]]:
-        details = sorted(runner.get_input_details().items(), key=lambda i: _positional_key(i[0]))
-        return [(n, d["dtype"], tuple(int(s) for s in d["shape"])) for n, d in details]
 
     def _run(
         self, runner: Any, inputs: list[tuple[str, Any, tuple[int, ...]]], values: list[Any]

@@ -41,8 +41,6 @@ This module never imports flwr.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgekd.deploy.head_step import kd_loss_and_logit_gradient
+from edgekd.deploy.onnx_export import export_graph_onnx
 from edgekd.deploy.step_layout import OPTIMIZERS, STEP_SCALARS, StepLayout
 
 __all__ = [
@@ -75,8 +75,6 @@ ADAM_EPS = 1e-8
 SGD_MOMENTUM = 0.9
 #: The clip coefficient's guard, as ``torch.nn.utils.clip_grad_norm_`` writes it.
 CLIP_EPS = 1e-6
-#: Opset of the exported step (that of `edgekd.deploy.onnx_export`).
-ONNX_OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -284,7 +282,7 @@ class StudentKDStep(nn.Module):
         masks = dict(zip(self.names, groups[1], strict=True))
 
         logits, caches = self._forward(x, params)
-        loss, grad_logits = self._loss(
+        loss, grad_logits = kd_loss_and_logit_gradient(
             logits, labels, teacher_logits, class_weights, tau, alpha, trust, weight_ce
         )
         by_name = self._backward(grad_logits, caches, params)
@@ -354,45 +352,6 @@ class StudentKDStep(nn.Module):
                 if op.bias:
                     h = h + params[op.bias]
         return h, caches
-
-    @staticmethod
-    def _loss(
-        logits: Tensor,
-        labels: Tensor,
-        teacher_logits: Tensor,
-        class_weights: Tensor,
-        tau: Tensor,
-        alpha: Tensor,
-        trust: Tensor,
-        weight_ce: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        num_classes = logits.shape[1]
-        classes = torch.arange(num_classes, dtype=labels.dtype)
-        one_hot = (labels.unsqueeze(1) == classes.unsqueeze(0)).to(logits.dtype)
-        row_mask = one_hot.sum(dim=1)
-        count = row_mask.sum().clamp_min(1.0)
-        sample_weights = one_hot @ class_weights
-        # The teacher is right where its logit of the label is its largest one.
-        teacher_right = ((one_hot * teacher_logits).sum(dim=1) >= teacher_logits.amax(dim=1)).to(
-            logits.dtype
-        )
-        a = alpha + (1.0 - alpha) * trust * (1.0 - teacher_right)
-
-        log_s = torch.log_softmax(logits, dim=1)
-        log_q = torch.log_softmax(logits / tau, dim=1)
-        log_p = torch.log_softmax(teacher_logits / tau, dim=1)
-        p = torch.exp(log_p)
-        ce = -(one_hot * log_s).sum(dim=1)
-        kl = (p * (log_p - log_q)).sum(dim=1)
-        # v_i = w_i when the class weights scale the CE term too (weight_ce = 1), else 1.
-        ce_weights = 1.0 + weight_ce * (sample_weights - 1.0)
-        per_sample = a * ce_weights * ce + (1.0 - a) * tau * tau * sample_weights * kl
-        loss = (row_mask * per_sample).sum() / count
-
-        grad_ce = (torch.exp(log_s) - one_hot) * ce_weights.unsqueeze(1)
-        grad_kd = (torch.exp(log_q) - p) * (tau * sample_weights).unsqueeze(1)
-        per_row = a.unsqueeze(1) * grad_ce + (1.0 - a).unsqueeze(1) * grad_kd
-        return loss, per_row * (row_mask / count).unsqueeze(1)
 
     def _backward(
         self, grad: Tensor, caches: list[tuple[Tensor, ...]], params: dict[str, Tensor]
@@ -503,36 +462,12 @@ def example_infer_inputs(layout: StepLayout, batch_size: int) -> tuple[Tensor, .
     return (torch.zeros(batch_size, *layout.input_shape), *params)
 
 
-def _export_onnx(
-    module: nn.Module,
-    args: tuple[Tensor, ...],
-    inputs: list[str],
-    outputs: list[str],
-    batched: tuple[str, ...],
-) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            buffer,  # type: ignore[arg-type]  # file-like objects are accepted
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes={n: {0: "batch"} for n in batched},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-            external_data=False,
-        )
-    return buffer.getvalue()
-
-
 def export_train_step_onnx(model: nn.Module, layout: StepLayout) -> bytes:
     """The whole-student step of ``model`` as single-file ONNX, dynamic batch axis.
 
     Input and output names are ``layout.input_names()`` / ``layout.output_names()``.
     """
-    return _export_onnx(
+    return export_graph_onnx(
         step_for(model, layout.optimizer),
         example_step_inputs(layout, batch_size=2),
         layout.input_names(),
@@ -545,6 +480,6 @@ def export_infer_onnx(model: nn.Module, layout: StepLayout) -> bytes:
     """:class:`StudentLogits` of ``model`` as single-file ONNX: inputs
     ``layout.infer_input_names()``, output ``logits``, dynamic batch axis."""
     module = StudentLogits(student_layers(model), layout.names)
-    return _export_onnx(
+    return export_graph_onnx(
         module, example_infer_inputs(layout, 2), layout.infer_input_names(), ["logits"], ("x",)
     )

@@ -29,6 +29,7 @@ import pytest
         "edgekd.deploy.signing",
         "edgekd.deploy.host",
         "edgekd.client.edge_client",
+        "edgekd.client.graph_trainer",
         "edgekd.client.faults",
         "edgekd.deploy.bundle",
         "edgekd.deploy.profiles",

@@ -145,9 +145,14 @@ def test_simulate_with_a_pruning_and_int8_recipe(tmp_path: Path) -> None:
 
 
 def test_simulate_with_filter_pruning_and_low_rank(tmp_path: Path) -> None:
-    # Prepare: structural compression; nodes rebuild the smaller student from shapes
+    # Prepare: structural compression; nodes rebuild the smaller student from shapes, two
+    # of the three through the onnxruntime step graph of that compressed student
     out = tmp_path / "run"
-    recipe = ("compression.prune=filter:0.5", "compression.lowrank=energy:0.9")
+    recipe = (
+        "compression.prune=filter:0.5",
+        "compression.lowrank=energy:0.9",
+        "client.backend=mixed:0.67",
+    )
 
     # Execute
     code = main(
@@ -165,6 +170,7 @@ def test_simulate_with_filter_pruning_and_low_rank(tmp_path: Path) -> None:
     assert student["structure"]["lowrank"]  # at least one layer was factorized
     assert student["accuracy"] > 0.3
     assert (out / "student.int8.onnx").stat().st_size > 0
+    assert report["updates_by_backend"] == {"torch": 2, "onnxruntime": 4, "litert": 0}
 
 
 def test_simulate_with_the_lean_wire_over_ray(tmp_path: Path) -> None:
