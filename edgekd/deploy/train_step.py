@@ -28,7 +28,7 @@ The layers, each with its backward (``g`` the gradient of the layer's output):
   for stride > 1, then padded into place);
 * ReLU: ``g * [y > 0]`` (PyTorch's ``threshold_backward``);
 * 2×2 max pooling: the gradient goes to the first maximum of each window in scan
-  order, as PyTorch's ``max_pool2d`` picks it, so ties are split exactly like autograd;
+  order, as PyTorch's ``max_pool2d`` picks it, so a tie sends it where autograd does;
 * global average pooling: ``g / (H W)`` everywhere; flatten: a reshape;
 * linear: ``dx = g W``, ``dW = g^T x``, ``db = sum_b g``.
 
