@@ -43,7 +43,7 @@ def main() -> int:
     print(f"\nclient.backend, seeds {args.seeds}: {' '.join(extra) or 'defaults'}\n")
     seed_cols = " | ".join(f"seed {s}" for s in args.seeds)
     print(f"| backend | {seed_cols} | mean | vs torch | run s |")
-    print("|---|" + "---|" * (len(args.seeds) + 4))
+    print("|---|" + "---|" * (len(args.seeds) + 3))
     base = accuracy.get("torch")
     for backend, values in accuracy.items():
         cells = " | ".join(f"{v:.4f}" for v in values)
