@@ -6,7 +6,8 @@ the first step's SGD weights and optimizer state, agree to 1e-5. Adam's weights 
 held to 5e-5: its step ``m / (sqrt(v) + eps)`` divides by about ``|g|``, so where a
 gradient entry is near zero the rounding of another summation order is magnified
 (seen: 1.7e-5 on one entry of the 2-D student's last convolution in LiteRT). Steps 2
-and 3 start from weights that already differ by that rounding, so they are held to 5e-5.
+and 3 start from weights that already differ by that rounding, so they are held to 1e-4
+(seen here: 3.1e-5 in a step-3 Adam moment; the margin is for other CPUs' kernels).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from edgekd.learn.kd import class_balanced_kd_loss, sample_weights_for, soft_tar
 STEPS = Path(__file__).resolve().parents[1] / "data" / "train_steps"
 TOL = 1e-5
 ADAM_WEIGHT_TOL = 5e-5
-LATER_STEP_TOL = 5e-5
+LATER_STEP_TOL = 1e-4
 
 
 def _batch(shape: tuple[int, ...], seed: int, batch: int = 16) -> tuple[torch.Tensor, ...]:
@@ -200,7 +201,7 @@ def test_three_steps_equal_autograd_and_torch_optim(
     # Assert: every tensor and the optimizer's first state after every step
     for step in range(len(batches)):
         tol = TOL if step == 0 else LATER_STEP_TOL
-        weight_tol = ADAM_WEIGHT_TOL if optimizer == "adam" else tol
+        weight_tol = max(ADAM_WEIGHT_TOL, tol) if optimizer == "adam" else tol
         for name in layout.names:
             _close(got[step][name], want[step][name], f"step {step + 1} {name}", weight_tol)
             _close(got_state1[step][name], opt_state[step][name], f"state {step + 1} {name}", tol)
