@@ -10,13 +10,19 @@ with the class-balanced KD loss, teacher trust, augmentation, Adam, clipping) as
 screening tool: a recipe that looks good here is then measured with
 `simulations/compare.py`, which runs the real federation. Keys:
 
-* ``rounds``, ``epochs`` (local), ``lr``, ``alpha``, ``trust`` (0/1),
-  ``class-weighting`` (0/1), ``optimizer`` (adam/sgd), ``momentum`` (server);
+* ``rounds``, ``epochs`` (local), ``lr``, ``batch`` (local), ``alpha``, ``trust`` (0/1),
+  ``class-weighting`` (0/1), ``optimizer`` (adam/sgd), ``momentum`` and ``server-lr`` (server);
 * ``cosine=1``: the clients' lr decays over the rounds (cosine);
 * ``teacher-rounds=R/E/LR``: first adapt the teacher to the device domain by R rounds
   of FedAvg (E local epochs of CE at LR), then distil from the adapted teacher;
 * ``central=1``: the same KD on the pooled client training data instead (the
-  centralised ceiling's shape), for rounds x epochs, cosine within.
+  centralised ceiling's shape), for rounds x epochs, cosine within;
+* ``server=1``: server-only KD instead, the tuned comparator's usual pick: from scratch
+  on the public split, 60 + rounds x epochs epochs (the warm start's and the rounds'
+  together), cosine, at ``lr``, augmentation on.
+
+``--width W`` screens another student width (default ``model.student-width``, 16) for
+every variant, warm start included.
 
 It prints the test accuracy (devices' test split) and the validation accuracy
 (pooled client validation shares); choose by the latter. Also printed: the average
@@ -60,6 +66,8 @@ DEFAULTS = {
     "class-weighting": "1",
     "optimizer": "adam",
     "momentum": "0.5",
+    "server-lr": "1",
+    "batch": "64",
     "cosine": "0",
     "central": "0",
 }
@@ -77,11 +85,13 @@ def state_of(model: nn.Module) -> State:
 class Screen:
     """One seed's data, teacher and warm start, shared by every variant."""
 
-    def __init__(self, seed: int, partition: str, nodes: int) -> None:
+    def __init__(self, seed: int, partition: str, nodes: int, width: int | None = None) -> None:
         torch.set_num_threads(1)
         seed_everything(seed)
         self.seed = seed
         cfg = EdgeKDConfig(seed=seed)
+        if width is not None:
+            cfg = replace(cfg, model=replace(cfg.model, student_width=width))
         self.data = load_federated_data(cfg.data, seed)
         splits = [client_split(self.data, partition, i, nodes, seed, 0.1) for i in range(nodes)]
         self.clients = [train for train, _ in splits]
@@ -104,7 +114,7 @@ class Screen:
         return KDSettings(
             epochs=epochs,
             lr=lr,
-            batch_size=64,
+            batch_size=int(o["batch"]),
             temperature=4.0,
             alpha=float(o["alpha"]),
             class_weighting=o["class-weighting"] == "1",
@@ -131,8 +141,9 @@ class Screen:
         settings_at: Callable[[int], KDSettings],
         teacher: nn.Module | None,
         momentum: float,
+        server_lr: float = 1.0,
     ) -> nn.Module:
-        """FedAvgM (Hsu et al. 2019) over every client, each round."""
+        """FedAvgM (Hsu et al. 2019) over every client, each round: ``w -= server_lr * v``."""
         velocity: State | None = None
         self.history = []
         for r in range(rounds):
@@ -153,7 +164,9 @@ class Screen:
             velocity = (
                 delta if velocity is None else {k: momentum * velocity[k] + delta[k] for k in old}
             )
-            model.load_state_dict({k: (old[k].float() - velocity[k]).to(old[k].dtype) for k in old})
+            model.load_state_dict(
+                {k: (old[k].float() - server_lr * velocity[k]).to(old[k].dtype) for k in old}
+            )
             self.history.append(state_of(model))
         return model
 
@@ -175,6 +188,13 @@ class Screen:
             self.adapted_teacher(o["teacher-rounds"]) if "teacher-rounds" in o else self.teacher
         )
         model = copy.deepcopy(self.warm)
+        if o.get("server") == "1":
+            model = build_model(self.student_spec)
+            probs = teacher_probs_for(teacher, self.data.public.x, 4.0)
+            s = replace(self.settings(opts, 60 + rounds * epochs, lr), cosine=True)
+            self._fit(model, self.data.public, probs, s, self.seed)
+            self._show(variant, model, start)
+            return
         if o["central"] == "1":
             probs = teacher_probs_for(teacher, self.train.x, 4.0)
             s = replace(self.settings(opts, rounds * epochs, lr), cosine=True)
@@ -186,7 +206,9 @@ class Screen:
             rate = lr * 0.5 * (1 + math.cos(math.pi * r / rounds)) if o["cosine"] == "1" else lr
             return self.settings(opts, epochs, rate)
 
-        self.fedavg(model, rounds, settings_at, teacher, float(o["momentum"]))
+        self.fedavg(
+            model, rounds, settings_at, teacher, float(o["momentum"]), float(o["server-lr"])
+        )
         self._show(variant, model, start)
         for k in sorted({3, 5, max(rounds // 2, 1)}):
             avg = copy.deepcopy(model)
@@ -212,9 +234,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--nodes", type=int, default=20, help="clients (simulate: 20)")
+    parser.add_argument("--width", type=int, default=None, help="student width (16)")
     parser.add_argument("variants", nargs="+")
     args = parser.parse_args()
-    screen = Screen(args.seed, args.partition, args.nodes)
+    screen = Screen(args.seed, args.partition, args.nodes, args.width)
     d = screen.data
     print(
         f"seed {args.seed}: teacher {accuracy(screen.teacher, d.test):.4f}, "
