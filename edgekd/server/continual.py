@@ -46,7 +46,7 @@ from edgekd.continual.learner import evaluate_stream
 from edgekd.continual.scenario import proxy_digest
 from edgekd.continual.streams import TaskStream
 from edgekd.core import records as R
-from edgekd.core.config import EdgeKDConfig
+from edgekd.core.config import PROXY_METHODS, EdgeKDConfig
 from edgekd.core.data import ArrayDataset
 from edgekd.learn.models import (
     ModelSpec,
@@ -266,6 +266,18 @@ def proxy_record_for(cfg: EdgeKDConfig, teacher: nn.Module, public: ArrayDataset
     x = public.x[np.sort(rng.choice(len(public), size=size, replace=False))]
     probs = teacher_probs_for(teacher, x, cfg.continual.temperature)
     return state_to_record({R.PROXY_X: x, R.PROXY_PROBS: probs})
+
+
+def proxy_for_method(record: ArrayRecord | None, method: str) -> ArrayRecord | None:
+    """What of the proxy set ``method`` gets: all of it for teacher-kd and replay-proxy,
+    the inputs only for lwf-proxy (its probabilities are an empty ``[n, 0]`` array, so it
+    is not charged the bytes of the teacher's probabilities it never uses), none else."""
+    if record is None or method not in PROXY_METHODS:
+        return None
+    if method != "lwf-proxy":
+        return record
+    x = record[R.PROXY_X].numpy()
+    return state_to_record({R.PROXY_X: x, R.PROXY_PROBS: np.zeros((len(x), 0), np.float32)})
 
 
 def eval_student(

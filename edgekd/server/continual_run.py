@@ -54,6 +54,7 @@ from edgekd.server.continual import (
     StreamTracker,
     TaskSchedule,
     eval_student,
+    proxy_for_method,
     proxy_record_for,
 )
 from edgekd.server.continual_resume import (
@@ -116,7 +117,7 @@ def run_method(
         schedule=schedule,
         method=method,
         run_tag=f"{method}-{progress.run_tag}",
-        proxy_record=proxy_record if method in PROXY_METHODS else None,
+        proxy_record=proxy_for_method(proxy_record, method),
         task_starts=progress.task_starts,
         reference_state=reference,
         node_wait=t.round_timeout,

@@ -227,6 +227,10 @@ def test_the_same_proxy_comparators_get_the_proxy_set_and_carry_the_seen_classes
         if R.PROXY in m.content.array_records
     )
     assert with_proxy == [(1, NODES[0]), (1, NODES[1])]
+    # lwf-proxy gets the inputs only: the teacher's probabilities are not shipped to it.
+    sent = next(m for m in fed.grid.sent if R.PROXY in m.content.array_records)
+    probs = sent.content.array_records[R.PROXY][R.PROXY_PROBS].numpy()
+    assert probs.shape == ((len(probs), 0) if method == "lwf-proxy" else (len(probs), 10))
     stream = client_stream(cfg)
     for node in NODES:
         assert fed.states[2, node]["seen_classes"].tolist() == []
