@@ -98,6 +98,7 @@ def main() -> int:
                 str(seed),
                 "--out",
                 str(out),
+                *(["--force"] if args.rerun else []),  # replace the earlier run's folder
                 *extra,
             ]
             print("$", " ".join(cmd), flush=True)

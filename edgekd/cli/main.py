@@ -379,7 +379,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     cont.add_argument("--tasks", type=int, help="tasks in the stream (5)")
     cont.add_argument(
-        "--rounds-per-task", type=int, help="federated rounds on each task before the next (6)"
+        "--rounds-per-task", type=int, help="federated rounds on each task before the next (15)"
     )
     cont.add_argument(
         "--cl-method",

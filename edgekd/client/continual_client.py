@@ -237,8 +237,9 @@ def _make_regularizer(
             "seed": round_seed,  # the proxy batches of this round
         }
     elif method in ("lwf", "lwf-proxy"):
+        weight = R.CL_WEIGHT if method == "lwf" else R.CL_LWF_PROXY_WEIGHT
         kwargs = {
-            "weight": float(config_scalar(config, R.CL_WEIGHT)),
+            "weight": float(config_scalar(config, weight)),
             "temperature": float(config_scalar(config, R.CL_TEMPERATURE)),
         }
         if method == "lwf-proxy":  # the proxy inputs only, not the teacher's probabilities

@@ -78,6 +78,7 @@ def continual_round_config(cfg: EdgeKDConfig) -> dict[str, Scalar]:
     return {
         **_shared_keys(cfg),
         R.CL_WEIGHT: cl.weight,
+        R.CL_LWF_PROXY_WEIGHT: cl.lwf_proxy_weight,
         R.CL_TEMPERATURE: cl.temperature,
         R.CL_EWC_WEIGHT: cl.ewc_weight,
         R.CL_BUFFER_SIZE: cl.buffer_size,

@@ -15,7 +15,13 @@ from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edgekd.client.codec_mod import payload_codec_mod
-from edgekd.client.continual_client import META, PROXY_STATE, handle_continual_train, held_state
+from edgekd.client.continual_client import (
+    META,
+    PROXY_STATE,
+    _make_regularizer,
+    handle_continual_train,
+    held_state,
+)
 from edgekd.continual.scenario import client_stream
 from edgekd.continual.streams import task_client_split
 from edgekd.core import records as R
@@ -291,3 +297,20 @@ def test_strategy_injects_the_task_and_keeps_rejecting_bad_updates(cfg: EdgeKDCo
     final = record_to_state(result.arrays)
     assert all(np.all(np.isfinite(v)) for v in final.values())
     assert [fed.tasks[r, NODES[1]] for r in (1, 2)] == [0, 1]
+
+
+def test_lwf_and_lwf_proxy_take_their_own_weights(cfg: EdgeKDConfig) -> None:
+    # Prepare: the round config as the server sends it, with two different weights
+    tuned = cfg.with_overrides({"continual.weight": 1.5, "continual.lwf-proxy-weight": 0.25})
+    config = ConfigRecord(dict(continual_round_config(tuned)))
+    config[R.CL_METHOD] = "lwf"
+    proxy = (np.zeros((4, 1, 40), dtype=np.float32), np.full((4, 10), 0.1, dtype=np.float32))
+
+    # Execute
+    lwf = _make_regularizer(config, None, 0, 0)
+    config[R.CL_METHOD] = "lwf-proxy"
+    lwf_proxy = _make_regularizer(config, proxy, 0, 0)
+
+    # Assert
+    assert (lwf.name, lwf.weight) == ("lwf", 1.5)  # type: ignore[attr-defined]
+    assert (lwf_proxy.name, lwf_proxy.weight) == ("lwf-proxy", 0.25)  # type: ignore[attr-defined]
