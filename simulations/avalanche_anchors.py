@@ -16,7 +16,7 @@ client_stream`, the devices' draw of each seed: 5 tasks of 2 mnist1d classes), t
 student (`model.student-width`), Adam at `train.lr`, `train.batch-size`, and the epochs a
 node spends on a task (``continual.rounds-per-task x train.local-epochs``, over the
 task's whole training data, centrally). LwF's alpha and temperature are edgekd's
-`continual.lwf-weight` and `continual.temperature`, EWC's lambda `continual.ewc-weight`,
+`continual.weight` and `continual.temperature`, EWC's lambda `continual.ewc-weight`,
 Replay's memory the ten nodes' buffers together (10 x `continual.buffer-size`).
 What is Avalanche's own: every strategy's loss and plugin code, and its plain
 classifier (cross-entropy over all ten outputs, no masking of unseen classes; predictions
