@@ -147,28 +147,46 @@ class Screen:
         velocity: State | None = None
         self.history = []
         for r in range(rounds):
-            states, sizes = [], []
-            for i, split in enumerate(self.clients):
-                local = copy.deepcopy(model)
-                probs = teacher_probs_for(teacher, split.x, 4.0) if teacher is not None else None
-                self._fit(local, split, probs, settings_at(r), self.seed * 1000 + r * 37 + i)
-                states.append(state_of(local))
-                sizes.append(len(split))
-            w = np.asarray(sizes, dtype=float) / sum(sizes)
-            old = state_of(model)
-            avg = {
-                k: sum(float(wi) * s[k].float() for wi, s in zip(w, states, strict=True))
-                for k in old
-            }
-            delta = {k: old[k].float() - avg[k] for k in old}
-            velocity = (
-                delta if velocity is None else {k: momentum * velocity[k] + delta[k] for k in old}
-            )
-            model.load_state_dict(
-                {k: (old[k].float() - server_lr * velocity[k]).to(old[k].dtype) for k in old}
+            velocity = self.fedavg_round(
+                model, r, settings_at(r), teacher, velocity, momentum, server_lr
             )
             self.history.append(state_of(model))
         return model
+
+    def fedavg_round(
+        self,
+        model: nn.Module,
+        r: int,
+        settings: KDSettings,
+        teacher: nn.Module | None,
+        velocity: State | None,
+        momentum: float,
+        server_lr: float = 1.0,
+        clients: list[int] | None = None,
+    ) -> State:
+        """Round ``r`` of FedAvgM over ``clients`` (default: all), in place on ``model``;
+        returns the new server velocity."""
+        states, sizes = [], []
+        for i in clients if clients is not None else range(len(self.clients)):
+            split = self.clients[i]
+            local = copy.deepcopy(model)
+            probs = teacher_probs_for(teacher, split.x, 4.0) if teacher is not None else None
+            self._fit(local, split, probs, settings, self.seed * 1000 + r * 37 + i)
+            states.append(state_of(local))
+            sizes.append(len(split))
+        w = np.asarray(sizes, dtype=float) / sum(sizes)
+        old = state_of(model)
+        avg = {
+            k: sum(float(wi) * s[k].float() for wi, s in zip(w, states, strict=True)) for k in old
+        }
+        delta = {k: old[k].float() - avg[k] for k in old}
+        if velocity is not None:
+            delta = {k: momentum * velocity[k] + delta[k] for k in old}
+        velocity = delta
+        model.load_state_dict(
+            {k: (old[k].float() - server_lr * velocity[k]).to(old[k].dtype) for k in old}
+        )
+        return velocity
 
     def adapted_teacher(self, spec: str) -> nn.Module:
         rounds, epochs, lr = spec.split("/")
