@@ -106,7 +106,7 @@ class Screen:
         self.warm = build_model(self.student_spec)
         probs = teacher_probs_for(self.teacher, self.data.public.x, 4.0)
         warm = self.settings({"alpha": "0", "trust": "0", "class-weighting": "0"}, 60, 0.01)
-        self._fit(self.warm, self.data.public, probs, replace(warm, cosine=True), seed)
+        self.fit(self.warm, self.data.public, probs, replace(warm, cosine=True), seed)
         self.history: list[State] = []
 
     def settings(self, opts: dict[str, str], epochs: int, lr: float) -> KDSettings:
@@ -124,7 +124,7 @@ class Screen:
             trust_correct=o["trust"] == "1",
         )
 
-    def _fit(
+    def fit(
         self,
         model: nn.Module,
         split: ArrayDataset,
@@ -171,7 +171,7 @@ class Screen:
             split = self.clients[i]
             local = copy.deepcopy(model)
             probs = teacher_probs_for(teacher, split.x, 4.0) if teacher is not None else None
-            self._fit(local, split, probs, settings, self.seed * 1000 + r * 37 + i)
+            self.fit(local, split, probs, settings, self.seed * 1000 + r * 37 + i)
             states.append(state_of(local))
             sizes.append(len(split))
         w = np.asarray(sizes, dtype=float) / sum(sizes)
@@ -210,13 +210,13 @@ class Screen:
             model = build_model(self.student_spec)
             probs = teacher_probs_for(teacher, self.data.public.x, 4.0)
             s = replace(self.settings(opts, 60 + rounds * epochs, lr), cosine=True)
-            self._fit(model, self.data.public, probs, s, self.seed)
+            self.fit(model, self.data.public, probs, s, self.seed)
             self._show(variant, model, start)
             return
         if o["central"] == "1":
             probs = teacher_probs_for(teacher, self.train.x, 4.0)
             s = replace(self.settings(opts, rounds * epochs, lr), cosine=True)
-            self._fit(model, self.train, probs, s, self.seed)
+            self.fit(model, self.train, probs, s, self.seed)
             self._show(variant, model, start)
             return
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, variant: str) -> dict[str, tuple[float, float]
                 s = screens[c].settings(
                     {"alpha": "0", "trust": "0", "class-weighting": "0"}, args.epochs, args.lr
                 )
-                screens[c]._fit(models[c], public, probs, s, args.seed * 1000 + r)
+                screens[c].fit(models[c], public, probs, s, args.seed * 1000 + r)
     return {
         c: (accuracy(models[c], screens[c].data.test), accuracy(models[c], screens[c].val))
         for c in CLASSES
@@ -93,8 +93,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=1, help="FedDF epochs per round")
     parser.add_argument("--lr", type=float, default=1e-3, help="FedDF Adam lr")
-    parser.add_argument("variants", nargs="*", default=["own", "feddf"])
+    parser.add_argument("variants", nargs="*", help="own, teacher-step, feddf (own feddf)")
     args = parser.parse_args()
+    args.variants = args.variants or ["own", "feddf"]
+    unknown = set(args.variants) - {"own", "teacher-step", "feddf"}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from own, teacher-step, feddf")
     for variant in args.variants:
         out = run(args, variant)
         cells = ", ".join(f"{c} test {t:.4f} val {v:.4f}" for c, (t, v) in out.items())
