@@ -18,7 +18,10 @@ starts from its own warm start (server-side KD on the public split) and is avera
   ``p = softmax(mean_m z_m(x) / tau)`` over m in {teacher, small, large}, then
   ``epochs`` epochs of KD toward ``p`` (Adam, ``lr``);
 * ``teacher-step``: the same server step toward the teacher alone (no class's student in
-  the ensemble): what the step gains without the other class.
+  the ensemble): what the step gains without the other class;
+* ``peer-local``: the teacher step, and the small class's nodes take their local soft
+  targets from the mean logits of the teacher and the large class's student as the round
+  starts (shipped to them, run on their own data) instead of the teacher alone.
 
 Prints each class's test accuracy (devices' test split) and validation accuracy (pooled
 client validation shares) after the last round. A screening tool: nothing here is the
@@ -52,6 +55,17 @@ def _ensemble_probs(members: list[nn.Module], x: np.ndarray, tau: float) -> np.n
         return soft_targets(torch.from_numpy(logits), tau).numpy()
 
 
+class LogitMean(nn.Module):
+    """The mean of its members' logits: an ensemble that runs where a model runs."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 def run(args: argparse.Namespace, variant: str) -> dict[str, tuple[float, float]]:
     screens = {
         "small": Screen(args.seed, args.partition, args.nodes, args.small),
@@ -62,12 +76,16 @@ def run(args: argparse.Namespace, variant: str) -> dict[str, tuple[float, float]
     velocity: dict[str, State | None] = {c: None for c in CLASSES}
     public: ArrayDataset = screens["small"].data.public
     for r in range(args.rounds):
+        large_now = copy.deepcopy(models["large"])  # as the round ships it
         for c in CLASSES:
             local = screens[c].settings({}, 3, 0.01)
+            teacher: nn.Module = screens[c].teacher
+            if variant == "peer-local" and c == "small":
+                teacher = LogitMean([teacher, large_now])
             velocity[c] = screens[c].fedavg_round(
-                models[c], r, local, screens[c].teacher, velocity[c], 0.5, clients=nodes[c]
+                models[c], r, local, teacher, velocity[c], 0.5, clients=nodes[c]
             )
-        if variant in ("feddf", "teacher-step"):
+        if variant in ("feddf", "teacher-step", "peer-local"):
             members = [screens["small"].teacher]
             if variant == "feddf":
                 members += list(models.values())
@@ -93,12 +111,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=1, help="FedDF epochs per round")
     parser.add_argument("--lr", type=float, default=1e-3, help="FedDF Adam lr")
-    parser.add_argument("variants", nargs="*", help="own, teacher-step, feddf (own feddf)")
+    parser.add_argument(
+        "variants", nargs="*", help="own, teacher-step, feddf, peer-local (own feddf)"
+    )
     args = parser.parse_args()
     args.variants = args.variants or ["own", "feddf"]
-    unknown = set(args.variants) - {"own", "teacher-step", "feddf"}
+    unknown = set(args.variants) - {"own", "teacher-step", "feddf", "peer-local"}
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from own, teacher-step, feddf")
+        parser.error(
+            f"unknown variants {sorted(unknown)}; choose from own, teacher-step, feddf, peer-local"
+        )
     for variant in args.variants:
         out = run(args, variant)
         cells = ", ".join(f"{c} test {t:.4f} val {v:.4f}" for c, (t, v) in out.items())

@@ -247,6 +247,9 @@ def run_report_config(path: Path) -> dict[str, Any]:
 
 
 def print_summary(report: dict[str, Any]) -> None:
+    if "fleet" in report:
+        print(fleet_summary(report))
+        return
     rows = [("teacher", report["teacher"]), ("edgekd student", report["student"])]
     for key, name in (
         ("student_int8", "student INT8 ONNX"),
@@ -279,6 +282,26 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["config"].get("faults"):
         print(fault_drill_summary(report["config"]["faults"], report["rounds"]))
     print()
+
+
+def fleet_summary(report: dict[str, Any]) -> str:
+    """A fleet run's table: each class's student against its comparators."""
+    lines = [
+        f"\n{'class':<10}{'width':>6}{'nodes':>6}{'params':>8}{'accuracy':>9}"
+        f"{'own class':>10}{'gain':>8}{'server-only':>12}{'MB up':>7}"
+    ]
+    for name, c in report["fleet"]["classes"].items():
+        so = c.get("server_only", {}).get("accuracy")
+        lines.append(
+            f"{name:<10}{c['width']:>6}{c['nodes']:>6}{c['params']:>8}{c['accuracy']:>9.4f}"
+            f"{c['own_class']['accuracy']:>10.4f}{100 * c['gain_over_own_class']:>+8.2f}"
+            f"{'' if so is None else f'{so:.4f}':>12}{c['bytes_up'] / 1e6:>7.2f}"
+        )
+    t = report["teacher"]
+    lines.append(
+        f"teacher {t['accuracy']:.4f} on the devices' test split; {report['seconds']:.0f} s"
+    )
+    return "\n".join(lines) + "\n"
 
 
 def comparator_summary(report: dict[str, Any]) -> str:

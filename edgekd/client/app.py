@@ -15,9 +15,10 @@ graph (`edgekd.client.edge_client`); a simulated node does the same with
 from __future__ import annotations
 
 import lzma
+from dataclasses import replace
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edgekd.client.codec_mod import masks_from_message, payload_codec_mod
@@ -34,6 +35,7 @@ from edgekd.client.faults import make_fault_mod
 from edgekd.core import records as R
 from edgekd.core.config import EdgeKDConfig, node_backend
 from edgekd.core.data import ArrayDataset, client_split, load_federated_data
+from edgekd.core.fleet import node_class, parse_fleet_classes
 from edgekd.core.round_settings import RoundSettings, config_scalar
 from edgekd.core.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
@@ -126,6 +128,35 @@ def handle_evaluate(cfg: EdgeKDConfig, msg: Message, context: Context) -> Messag
     return Message(content=reply, reply_to=msg)
 
 
+def handle_fleet_query(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
+    """The server's question before round 1 of a fleet run: which device class is this
+    node? A simulated node's class comes from its partition id (`node_class`); a node
+    started with a bundle is the class whose profile its bundle was built for."""
+    bundle = context.node_config.get(BUNDLE)
+    if bundle:
+        profile = load_bundle(Path(str(bundle))).profile.name
+        names = [c.name for c in parse_fleet_classes(cfg.fleet.classes) if c.profile == profile]
+        if not names:
+            raise ValueError(f"no class of fleet.classes '{cfg.fleet.classes}' is a {profile}")
+        name = names[0]
+    else:
+        pid = int(config_scalar(context.node_config, R.PARTITION_ID))
+        num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
+        name = node_class(cfg.fleet.classes, pid, num).name
+    return Message(RecordDict({R.CONFIG: ConfigRecord({R.FLEET_CLASS: name})}), reply_to=msg)
+
+
+def for_message(cfg: EdgeKDConfig, msg: Message) -> EdgeKDConfig:
+    """``cfg`` with the student width a fleet run's message names (its class's)."""
+    config = msg.content.config_records.get(R.CONFIG)
+    if config is None or R.STUDENT_WIDTH not in config:
+        return cfg
+    width = int(config_scalar(config, R.STUDENT_WIDTH))
+    if width < 1:
+        raise ValueError(f"{R.STUDENT_WIDTH} must be >= 1, got {width}")
+    return replace(cfg, model=replace(cfg.model, student_width=width))
+
+
 def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg``; with None it reads the run's ``run_config``."""
 
@@ -142,7 +173,7 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        run_cfg = config_of(context)
+        run_cfg = for_message(config_of(context), msg)
         if bundle_backend(context) in TORCH_FREE_BACKENDS:  # no torch on this device
             return handle_edge_train(run_cfg, msg, context)
         if run_cfg.continual.scenario:  # the same app serves continual runs (`flwr run .`)
@@ -155,13 +186,17 @@ def make_client_app(cfg: EdgeKDConfig | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         from edgekd.client.continual_client import handle_warm_up
 
+        config = msg.content.config_records.get(R.CONFIG)
+        if config is not None and config.get(R.FLEET_QUERY) == "class":
+            return handle_fleet_query(config_of(context), msg, context)
         return handle_warm_up(config_of(context), msg, context)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        run_cfg = for_message(config_of(context), msg)
         if bundle_backend(context) in TORCH_FREE_BACKENDS:
-            return handle_edge_evaluate(config_of(context), msg, context)
-        return handle_evaluate(config_of(context), msg, context)
+            return handle_edge_evaluate(run_cfg, msg, context)
+        return handle_evaluate(run_cfg, msg, context)
 
     return client_app
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from edgekd.core.errors import EdgeKDError
+from edgekd.core.errors import ConfigError
+from edgekd.core.fleet import FleetConfig, check_fleet
 
 KNOWN_DATASETS = ("mnist1d", "digits", "mnist", "fashion-mnist", "cifar10")
 SOFT_TARGET_MODES = ("on-device", "proxy")
@@ -35,10 +36,6 @@ CONTINUAL_METHODS = (
 # The methods the server ships the teacher-kd proxy set to: teacher-kd and the two that get
 # the same data without the teacher's soft targets.
 PROXY_METHODS = ("teacher-kd", "lwf-proxy", "replay-proxy")
-
-
-class ConfigError(EdgeKDError, ValueError):
-    """A configuration value is unknown, malformed or out of range."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +186,7 @@ class EdgeKDConfig:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     seed: int = 42
     out_dir: str = ""  # empty: runs/<timestamp>
     baseline: bool = False  # also train FedAvg-without-teacher and server-only students
@@ -322,11 +320,13 @@ class EdgeKDConfig:
         )
         _check(c.end_round >= c.start_round, "compression.end-round must be >= start-round")
         self._validate_continual()
-        self._validate_client_backend()
+        self._validate_nodes()
+
+    def _validate_nodes(self) -> None:
+        """How simulated nodes run: sim.*, fleet.*, client.backend."""
         _check(self.sim.client_cpus > 0, "sim.client-cpus must be > 0")
         _check(self.sim.client_gpus >= 0, "sim.client-gpus must be >= 0")
-
-    def _validate_client_backend(self) -> None:
+        check_fleet(self.to_flat())
         kind, _ = parse_client_backend(self.client.backend)
         if kind == "torch":
             return

@@ -14,6 +14,10 @@ class EdgeKDError(Exception):
     one line and exit code 2."""
 
 
+class ConfigError(EdgeKDError, ValueError):
+    """A configuration value is unknown, malformed or out of range."""
+
+
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -60,6 +60,11 @@ CL_BUFFER_SIZE = "continual.buffer-size"
 CL_MASK_UNSEEN = "continual.mask-unseen"  # CE over the classes seen so far only
 CL_LOGIT_ADJUST = "continual.logit-adjust"  # CE(z + log local prior, y), no class weights
 CL_PROXY_HASH = "continual.proxy-hash"  # sha256 of the proxy record, cached per node
+# Fleet runs (edgekd.server.fleet_run): the query that asks a node for its device class,
+# its answer, and the width of the student a class's messages carry.
+FLEET_QUERY = "fleet.query"  # "class"
+FLEET_CLASS = "fleet.class"  # the class's name as fleet.classes spells it
+STUDENT_WIDTH = "model.student-width"
 
 # MetricRecord entries (client → server)
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key

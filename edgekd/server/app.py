@@ -2,7 +2,8 @@
 
 It reads the run's config (``context.run_config``, or the one `make_server_app` was
 given) and runs `edgekd.server.pipeline.run_edgekd`, or the continual runner
-(`edgekd.server.continual_run.run_continual`) when ``continual.scenario`` is set.
+(`edgekd.server.continual_run.run_continual`) when ``continual.scenario`` is set, or the
+fleet runner (`edgekd.server.fleet_run.run_fleet`) when ``fleet.classes`` is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def make_server_app(cfg: EdgeKDConfig | None = None, show_progress: bool = True)
             from edgekd.server.continual_run import run_continual
 
             out = run_continual(grid, run_cfg, show_progress=show_progress)
+        elif run_cfg.fleet.classes:  # a student per device class
+            from edgekd.server.fleet_run import run_fleet
+
+            out = run_fleet(grid, run_cfg, show_progress=show_progress)
         else:
             out = run_edgekd(grid, run_cfg, show_progress=show_progress)
         log.info("edgekd: report written to %s", out / "report.json")

@@ -20,7 +20,9 @@ POLL_INTERVAL = 2.0
 NUM_ROUNDS = 2
 
 
-def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
+def _flwr_run(flower_local, out_dir: Path, extra: list[str]) -> dict:
+    """`flwr run .` on two simulated SuperNodes with the small run config plus ``extra``;
+    polls until the run finishes and returns its report."""
     deadline = time.monotonic() + TOTAL_TIMEOUT
 
     def remaining() -> float:
@@ -31,7 +33,6 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
             )
         return left
 
-    out_dir = tmp_path / "run"
     run_config = " ".join(
         [
             f"train.num-rounds={NUM_ROUNDS}",
@@ -44,6 +45,7 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
             "kd.soft-targets='proxy'",
             "kd.proxy-size=200",
             f"out-dir='{out_dir}'",
+            *extra,
         ]
     )
     run_id: str | None = None
@@ -83,7 +85,12 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
         f"{sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else 'nothing'}\n"
         f"{flower_local.diagnostics(run_id)}"
     )
-    report = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text())
+
+
+def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
+    out_dir = tmp_path / "run"
+    report = _flwr_run(flower_local, out_dir, [])
     assert [r["round"] for r in report["rounds"]] == list(range(NUM_ROUNDS + 1))
     accuracy = report["student"]["accuracy"]
     assert isinstance(accuracy, float) and math.isfinite(accuracy)
@@ -95,3 +102,17 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
     # Proxy mode ships public inputs with teacher probabilities every round, no ONNX teacher.
     assert report["rounds"][1]["bytes_down"] == report["rounds"][2]["bytes_down"]
     assert report["rounds"][1]["bytes_up"] > 0
+
+
+def test_flwr_run_trains_a_student_per_device_class(flower_local, tmp_path: Path):
+    # Two SuperNodes, one a class: each asked its class, then trained its class's width.
+    report = _flwr_run(flower_local, tmp_path / "run", ["fleet.classes='pi:0.5,jetson:0.5'"])
+    classes = report["fleet"]["classes"]
+    assert [(n, c["width"], c["nodes"]) for n, c in classes.items()] == [
+        ("pi", 16, 1),
+        ("jetson", 32, 1),
+    ]
+    for block in classes.values():
+        assert [r["round"] for r in block["rounds"]] == list(range(NUM_ROUNDS + 1))
+        assert sum(r["replies"] - r["rejected"] - r["failures"] for r in block["rounds"][1:]) == 2
+    assert (tmp_path / "run" / "students" / "jetson.pt").is_file()

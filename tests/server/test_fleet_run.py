@@ -1,0 +1,183 @@
+"""The fleet runner (`edgekd.server.fleet_run`) on a fake Grid whose nodes run the real
+ClientApp: the class query, a student per class, the FedDF step, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fakegrid import FakeGrid, node_contexts  # tests/server/fakegrid.py
+from flwr.app import ConfigRecord, Message, RecordDict
+from torch import nn
+
+from edgekd.client.app import make_client_app
+from edgekd.core import records as R
+from edgekd.core.config import EdgeKDConfig
+from edgekd.core.fleet import parse_fleet_classes
+from edgekd.core.numerics import softmax
+from edgekd.learn.models import load_checkpoint
+from edgekd.server.fleet_run import (
+    ClassRun,
+    FleetError,
+    ask_classes,
+    class_grid,
+    ensemble_members,
+    ensemble_targets,
+    run_fleet,
+)
+
+NODES = [101, 102, 103, 104]
+
+
+def tiny(tmp_path: Path, **extra: object) -> EdgeKDConfig:
+    return EdgeKDConfig().with_overrides(
+        {
+            "fleet.classes": "pi:0.5,jetson:0.5",
+            "data.num-samples": 2000,
+            "model.teacher-epochs": 5,
+            "train.warm-start-epochs": 2,
+            "train.local-epochs": 1,
+            "train.num-rounds": 2,
+            "train.round-timeout": 5,
+            "out-dir": str(tmp_path / "run"),
+            "seed": 3,
+            **extra,
+        }
+    )
+
+
+class AppGrid(FakeGrid):
+    """Four simulated nodes, each running the real ClientApp with its own Context."""
+
+    def __init__(self, cfg: EdgeKDConfig) -> None:
+        self.app = make_client_app(cfg)
+        self.contexts = node_contexts(NODES, R.PARTITION_ID, R.NUM_PARTITIONS)
+        super().__init__(NODES, self.answer)
+
+    def answer(self, node: int, msg: Message) -> RecordDict | None:
+        try:
+            return self.app(msg, self.contexts[node]).content
+        except Exception:  # noqa: BLE001 - the engine turns it into an error reply
+            return None
+
+
+def test_a_fleet_run_trains_one_student_per_class_and_reports_each(tmp_path: Path) -> None:
+    # Prepare
+    cfg = tiny(tmp_path, **{"fleet.ensemble": "larger"})
+    grid = AppGrid(cfg)
+
+    # Execute
+    out = run_fleet(grid, cfg, show_progress=False)
+
+    # Assert: each node was asked its class and then sent its class's width only.
+    report = json.loads((out / "report.json").read_text())
+    classes = report["fleet"]["classes"]
+    assert [(n, c["width"], c["nodes"]) for n, c in classes.items()] == [
+        ("pi", 16, 2),
+        ("jetson", 32, 2),
+    ]
+    widths = {101: 16, 102: 16, 103: 32, 104: 32}  # partitions 0, 1 are pi; 2, 3 jetson
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trained) == 2 * 4 * 2  # two runs (fleet, own class) x 4 nodes x 2 rounds
+    for msg in trained:
+        width = msg.content.config_records[R.CONFIG][R.STUDENT_WIDTH]
+        assert width == widths[msg.metadata.dst_node_id]
+    for name, block in classes.items():
+        assert block["params"] == {"pi": 3274, "jetson": 9610}[name]
+        assert [r["round"] for r in block["rounds"]] == [0, 1, 2]
+        assert sum(r["replies"] for r in block["rounds"][1:]) == 4  # 2 nodes x 2 rounds
+        assert sum(r["rejected"] + r["failures"] for r in block["rounds"][1:]) == 0
+        assert block["bytes_up"] > 0 and block["bytes_down"] > block["bytes_up"]
+        assert block["gain_over_own_class"] == pytest.approx(
+            block["accuracy"] - block["own_class"]["accuracy"]
+        )
+        assert 0.0 <= block["val_accuracy"] <= 1.0 and "agreement" in block
+        model, spec = load_checkpoint(str(out / "students" / f"{name}.pt"))
+        assert spec.width == block["width"]
+    # The wider class sends more bytes (twice the channels, 2.9x the parameters).
+    assert classes["jetson"]["bytes_up"] > 2.5 * classes["pi"]["bytes_up"]
+    # The two runs start from the same warm students and differ only in the server step:
+    # with fleet.ensemble = larger the widest class distils from the teacher alone in both,
+    # so its two runs are the same run; the small class learns from the wide one too.
+    for block in classes.values():
+        assert block["rounds"][0]["accuracy"] == block["own_class"]["rounds"][0]["accuracy"]
+    jetson, pi = classes["jetson"], classes["pi"]
+    assert [r["accuracy"] for r in jetson["rounds"]] == [
+        r["accuracy"] for r in jetson["own_class"]["rounds"]
+    ]
+    assert pi["rounds"][1]["accuracy"] != pi["own_class"]["rounds"][1]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("larger", {"pi": ["phone", "jetson"], "phone": ["jetson"], "jetson": []}),
+     ("all", {c: ["pi", "phone", "jetson"] for c in ("pi", "phone", "jetson")})],
+)  # fmt: skip
+def test_each_class_distils_from_the_members_its_mode_names(
+    mode: str, expected: dict[str, list[str]]
+) -> None:
+    runs = [
+        ClassRun(device, EdgeKDConfig(), None, [], None)  # type: ignore[arg-type]
+        for device in parse_fleet_classes("pi=8:0.3,phone:0.3,jetson:0.4")
+    ]
+    students = [nn.Linear(1, 1) for _ in runs]
+    name_of = {id(s): r.device.name for r, s in zip(runs, students, strict=True)}
+    for run in runs:
+        members = ensemble_members(runs, students, run, mode)
+        assert [name_of[id(m)] for m in members] == expected[run.device.name]
+
+
+def test_a_student_over_its_profiles_budget_is_refused_before_training(tmp_path: Path) -> None:
+    # Width 256 is 420 874 parameters, 1.7 MB in FP32: over the Pi's 1 MB.
+    cfg = tiny(tmp_path, **{"fleet.classes": "pi=256:0.5,jetson:0.5"})
+    with pytest.raises(FleetError, match=r"class pi's student \(width 256.*raspberry-pi"):
+        run_fleet(AppGrid(cfg), cfg, show_progress=False)
+
+
+def test_nodes_that_fail_or_name_no_class_of_the_fleet_are_left_out() -> None:
+    classes = parse_fleet_classes("pi:0.5,jetson:0.5")
+    answers = {1: "pi", 2: "jetson", 3: "toaster", 4: None, 5: "jetson"}
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        name = answers[node]
+        return None if name is None else RecordDict({R.CONFIG: ConfigRecord({R.FLEET_CLASS: name})})
+
+    members = ask_classes(FakeGrid(list(answers), reply), classes, min_nodes=1, timeout=1)
+    assert members == {"pi": [1], "jetson": [2, 5]}
+
+    answers = {1: "jetson", 2: "jetson"}
+    with pytest.raises(FleetError, match="no node of class pi answered"):
+        ask_classes(FakeGrid(list(answers), reply), classes, min_nodes=1, timeout=1)
+
+
+def test_a_class_grid_shows_only_its_connected_nodes() -> None:
+    grid = FakeGrid([1, 2, 3], lambda node, msg: RecordDict())
+    assert list(class_grid(grid, [2, 3, 9]).get_node_ids()) == [2, 3]
+
+
+def test_ensemble_targets_are_the_softmax_of_the_mean_logits() -> None:
+    x = np.random.default_rng(0).normal(size=(5, 1, 3)).astype(np.float32)
+    models = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Flatten(), nn.Linear(3, 4)))
+    with torch.no_grad():
+        logits = [m(torch.from_numpy(x)).numpy() for m in models]
+    expected = softmax(np.mean(logits, axis=0) / 2.0)
+    np.testing.assert_allclose(ensemble_targets(models, x, 2.0), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_with_every_class_in_the_ensemble_the_widest_class_learns_from_the_others_too(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny(tmp_path)  # fleet.ensemble = all, the default
+    report = json.loads(
+        (run_fleet(AppGrid(cfg), cfg, show_progress=False) / "report.json").read_text()
+    )
+    jetson = report["fleet"]["classes"]["jetson"]
+    assert jetson["rounds"][0]["accuracy"] == jetson["own_class"]["rounds"][0]["accuracy"]
+    assert jetson["nll"] != pytest.approx(jetson["own_class"]["nll"], rel=1e-6, abs=0)
+    assert "every class's student, its own included" in report["fleet"]["step"]
