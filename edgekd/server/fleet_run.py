@@ -237,7 +237,9 @@ def class_run(
     return ClassRun(device, class_cfg, spec, nodes, start)
 
 
-def class_strategy(run: ClassRun, data: FederatedData, teacher: TeacherPhase) -> EdgeKDStrategy:
+def class_strategy(
+    run: ClassRun, records: tuple[ArrayRecord | None, ArrayRecord | None]
+) -> EdgeKDStrategy:
     """Edgekd's strategy for one class's federation, without its own server step (the
     fleet's runs after every class has averaged) and without federated evaluation."""
     t = run.cfg.train
@@ -245,7 +247,6 @@ def class_strategy(run: ClassRun, data: FederatedData, teacher: TeacherPhase) ->
         run.cfg, train=replace(t, fraction_evaluate=0.0, min_nodes=min(t.min_nodes, len(run.nodes)))
     )
     schedule = CompressionSchedule()
-    records = teacher_records(cfg, data, "kd", teacher.model, teacher.onnx)
     reference = model_state(run.start.warm)
     return make_strategy(cfg, "kd", run.spec, reference, schedule, Pruner(schedule), records, None)
 
@@ -266,7 +267,9 @@ def run_rounds(
     toward the teacher alone); fills each run's ``rounds[step]`` and ``final[step]``."""
     if step not in STEPS:
         raise ValueError(f"unknown server step '{step}' (use {', '.join(STEPS)})")
-    strategies = [class_strategy(run, data, teacher) for run in runs]
+    # What nodes get of the teacher (its xz-compressed ONNX or the proxy set), made once
+    records = teacher_records(cfg, data, "kd", teacher.model, teacher.onnx)
+    strategies = [class_strategy(run, records) for run in runs]
     arrays = [state_to_record(model_state(run.start.warm)) for run in runs]
     base = round_config(cfg, "kd", sha256_hex(teacher.onnx))
     for run, record in zip(runs, arrays, strict=True):
@@ -279,7 +282,8 @@ def run_rounds(
             messages += strategy.configure_train(rnd, record, config, class_grid(grid, run.nodes))
         replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout))
         for i, (run, strategy) in enumerate(zip(runs, strategies, strict=True)):
-            own = [r for r in replies if r.metadata.src_node_id in set(run.nodes)]
+            members = set(run.nodes)
+            own = [r for r in replies if r.metadata.src_node_id in members]
             averaged, _ = strategy.aggregate_train(rnd, own)
             if averaged is not None:
                 arrays[i] = averaged
