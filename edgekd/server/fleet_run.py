@@ -3,7 +3,9 @@
 A Raspberry Pi, a phone and a Jetson cannot run the same student; distillation lets
 students of different sizes learn together. Before round 1 the server asks every node
 for its class (`edgekd.client.app.handle_fleet_query`) and warm-starts each class's
-student (its width from `edgekd.core.fleet`) by KD on the public split. Each round:
+student (its width from `edgekd.core.fleet`) by KD on the public split; a node that
+connects later is asked before the next round and joins its class from then on
+(`admit_late_nodes`). Each round:
 
 1. every class is a federation of its own: an `EdgeKDStrategy` per class (reply checks,
    bounds, wire accounting, FedAvg) sends its student to its class's nodes only, each
@@ -123,6 +125,9 @@ class ClassRun:
     spec: ModelSpec
     nodes: list[int]
     start: StudentStart
+    # A node that joined after the class query -> the first round it trains in (the
+    # nodes asked before round 1 are absent: they train from round 1)
+    joined: dict[int, int] = field(default_factory=dict)
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by step
     final: dict[str, nn.Module] = field(default_factory=dict)  # by step
 
@@ -139,6 +144,21 @@ def ask_classes(
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < min_nodes and time.monotonic() < deadline:
         time.sleep(1.0)
+    out = query_classes(grid, nodes, classes, timeout)
+    empty = [name for name, members in out.items() if not members]
+    if empty:
+        raise FleetError(
+            f"fleet.classes: no node of class {', '.join(empty)} answered within "
+            f"{timeout:.0f} s ({len(nodes)} nodes connected)"
+        )
+    return out
+
+
+def query_classes(
+    grid: Grid, nodes: list[int], classes: tuple[DeviceClass, ...], timeout: float
+) -> dict[str, list[int]]:
+    """Each class's members among ``nodes``, sorted, by asking each node its class; a node
+    that fails or names no class of the fleet is logged and left out."""
     query = ConfigRecord({R.FLEET_QUERY: "class"})
     messages = [
         Message(RecordDict({R.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY)
@@ -156,13 +176,30 @@ def ask_classes(
             log.warning("fleet: node %d names class '%s', not one of %s", node, name, list(out))
             continue
         out[name].append(node)
-    empty = [name for name, members in out.items() if not members]
-    if empty:
-        raise FleetError(
-            f"fleet.classes: no node of class {', '.join(empty)} answered within "
-            f"{timeout:.0f} s ({len(nodes)} nodes connected)"
-        )
     return {name: sorted(members) for name, members in out.items()}
+
+
+def admit_late_nodes(
+    grid: Grid, runs: list[ClassRun], asked: set[int], rnd: int, timeout: float
+) -> None:
+    """Ask the nodes that connected since the class query (and were never asked) their
+    class; each one that names a class joins it and trains from round ``rnd`` on, in this
+    pass and in every later one (so a comparator pass gives it the same rounds)."""
+    new = [n for n in grid.get_node_ids() if n not in asked]
+    if not new:
+        return
+    asked.update(new)
+    members = query_classes(grid, new, tuple(run.device for run in runs), timeout)
+    for run in runs:
+        for node in members[run.device.name]:
+            run.nodes.append(node)
+            run.joined[node] = rnd
+            log.info("fleet: node %d joined class %s at round %d", node, run.device.name, rnd)
+
+
+def round_nodes(run: ClassRun, rnd: int) -> list[int]:
+    """The class's nodes that train in round ``rnd``."""
+    return [n for n in run.nodes if run.joined.get(n, 1) <= rnd]
 
 
 def run_fleet(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> Path:
@@ -190,10 +227,13 @@ def run_fleet(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> P
     members = ask_classes(grid, classes, cfg.train.min_nodes, cfg.train.round_timeout)
     say("fleet: " + ", ".join(f"{c.name} {len(members[c.name])} nodes" for c in classes))
     runs = [class_run(c, cfg, data, teacher, members[c.name], say) for c in classes]
+    asked = set(grid.get_node_ids()) | {n for m in members.values() for n in m}
     for step, label in (("ensemble", "fleet"), ("teacher", "own-class comparator")):
         seed_everything(cfg.seed)
-        run_rounds(grid, cfg, data, teacher, runs, step=step, label=label, show=show_progress)
-    nodes = sum(len(m) for m in members.values())
+        run_rounds(
+            grid, cfg, data, teacher, runs, asked, step=step, label=label, show=show_progress
+        )
+    nodes = sum(len(run.nodes) for run in runs)
     _, val = pooled_client_splits(data, cfg.data.partition, nodes, cfg.seed, cfg.data.val_fraction)
     report = fleet_report(cfg, data, teacher, runs, val)
     if cfg.baseline:
@@ -257,6 +297,7 @@ def run_rounds(
     data: FederatedData,
     teacher: TeacherPhase,
     runs: list[ClassRun],
+    asked: set[int],
     *,
     step: str,
     label: str,
@@ -264,7 +305,9 @@ def run_rounds(
 ) -> None:
     """``train.num-rounds`` rounds of every class from its warm start, each round ending
     in the server ``step`` (``ensemble``: FedDF across classes; ``teacher``: each class
-    toward the teacher alone); fills each run's ``rounds[step]`` and ``final[step]``."""
+    toward the teacher alone); fills each run's ``rounds[step]`` and ``final[step]``.
+    A node not in ``asked`` that connects is asked its class before the next round
+    (`admit_late_nodes`)."""
     if step not in STEPS:
         raise ValueError(f"unknown server step '{step}' (use {', '.join(STEPS)})")
     # What nodes get of the teacher (its xz-compressed ONNX or the proxy set), made once
@@ -276,13 +319,15 @@ def run_rounds(
         run.rounds[step] = [_round_record(0, run, record, data, None)]
     bar = _progress(cfg.train.num_rounds, label) if show else None
     for rnd in range(1, cfg.train.num_rounds + 1):
+        admit_late_nodes(grid, runs, asked, rnd, cfg.train.round_timeout)
         messages: list[Message] = []
         for run, strategy, record in zip(runs, strategies, arrays, strict=True):
             config = ConfigRecord({**base, R.STUDENT_WIDTH: run.device.width})
-            messages += strategy.configure_train(rnd, record, config, class_grid(grid, run.nodes))
+            nodes = class_grid(grid, round_nodes(run, rnd))
+            messages += strategy.configure_train(rnd, record, config, nodes)
         replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout))
         for i, (run, strategy) in enumerate(zip(runs, strategies, strict=True)):
-            members = set(run.nodes)
+            members = set(round_nodes(run, rnd))
             own = [r for r in replies if r.metadata.src_node_id in members]
             averaged, _ = strategy.aggregate_train(rnd, own)
             if averaged is not None:
@@ -395,6 +440,7 @@ def fleet_report(
             "profile": run.device.profile,
             "width": run.device.width,
             "nodes": len(run.nodes),
+            "joined_late": {str(n): r for n, r in sorted(run.joined.items())},
             **block,
             "warm_start_accuracy": fleet_rounds[0]["accuracy"],
             "bytes_down": sum(int(r.get("bytes_down", 0)) for r in fleet_rounds),

@@ -182,3 +182,45 @@ def test_with_every_class_in_the_ensemble_the_widest_class_learns_from_the_other
     assert jetson["rounds"][0]["accuracy"] == jetson["own_class"]["rounds"][0]["accuracy"]
     assert jetson["nll"] != pytest.approx(jetson["own_class"]["nll"], rel=1e-6, abs=0)
     assert "every class's student, its own included" in report["fleet"]["step"]
+
+
+def test_a_node_that_connects_after_the_class_query_joins_its_class_from_that_round(
+    tmp_path: Path,
+) -> None:
+    # Prepare: five partitions; partition 4's node (a jetson) connects after round 1.
+    cfg = tiny(tmp_path, **{"train.num-rounds": 3})
+    nodes = [*NODES, 105]
+    app = make_client_app(cfg)
+    contexts = node_contexts(nodes, R.PARTITION_ID, R.NUM_PARTITIONS)
+    connected = list(NODES)
+    trained: dict[int, list[int]] = {}
+
+    def answer(node: int, msg: Message) -> RecordDict | None:
+        if msg.metadata.message_type == "train":
+            trained.setdefault(node, []).append(len(trained.get(node, [])))
+            if len(trained[101]) == 1 and 105 not in connected:  # after round 1's first reply
+                connected.append(105)
+        return app(msg, contexts[node]).content
+
+    grid = FakeGrid(connected, answer)
+
+    # Execute
+    out = run_fleet(grid, cfg, show_progress=False)
+
+    # Assert: 105 was asked its class once, trained rounds 2 and 3 of both passes (2 x 2),
+    # and only with the jetson width; the others trained all 3 rounds of both passes.
+    report = json.loads((out / "report.json").read_text())
+    classes = report["fleet"]["classes"]
+    assert classes["jetson"]["joined_late"] == {"105": 2}
+    assert classes["pi"]["joined_late"] == {}
+    assert (classes["pi"]["nodes"], classes["jetson"]["nodes"]) == (2, 3)
+    queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+    assert sorted(m.metadata.dst_node_id for m in queries) == [101, 102, 103, 104, 105]
+    assert len(trained[105]) == 4
+    assert all(len(trained[n]) == 6 for n in NODES)
+    to_105 = [
+        m for m in grid.sent if m.metadata.dst_node_id == 105 and m.metadata.message_type == "train"
+    ]
+    assert {m.content.config_records[R.CONFIG][R.STUDENT_WIDTH] for m in to_105} == {32}
+    for name in classes:
+        assert [r["round"] for r in classes[name]["rounds"]] == [0, 1, 2, 3]
