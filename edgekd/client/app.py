@@ -39,6 +39,7 @@ from edgekd.core.fleet import node_class, parse_fleet_classes
 from edgekd.core.round_settings import RoundSettings, config_scalar
 from edgekd.core.specs import ModelSpec, spec_for
 from edgekd.deploy.bundle import load_bundle
+from edgekd.deploy.profiles import load_profile
 from edgekd.wire.payload import record_to_state
 
 TORCH_FREE_BACKENDS = ("onnxruntime", "litert")  # bundle backends that train without torch
@@ -109,6 +110,8 @@ def _simulated_backend(cfg: EdgeKDConfig, context: Context) -> str:
         return "torch"
     pid = int(config_scalar(context.node_config, R.PARTITION_ID))
     num = int(config_scalar(context.node_config, R.NUM_PARTITIONS))
+    if cfg.fleet.classes and cfg.fleet.backends == "profile":
+        return load_profile(node_class(cfg.fleet.classes, pid, num).profile).backend
     return node_backend(cfg.client.backend, pid, num)
 
 

@@ -25,6 +25,9 @@ ALIASES = {"pi": "raspberry-pi", "phone": "android"}
 # tried: 3.5 to 5.5 % of top-1 answers flipped, 3 % allowed), a Jetson twice that.
 DEFAULT_WIDTHS = {"raspberry-pi": 16, "android": 16, "jetson": 32}
 ENSEMBLES = ("all", "larger")
+# How simulated nodes of a fleet train: "torch", every class; "profile", each class on its
+# profile's runtime (a Pi's onnxruntime or a phone's LiteRT step graphs, a Jetson's torch)
+BACKENDS = ("torch", "profile")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class FleetConfig:
     ensemble: str = "all"
     # Epochs of that server step a round, in the fleet and in its own-class comparator alike
     distill_epochs: int = 3
+    # One of BACKENDS: what a simulated node trains with (a bundled node: its bundle's)
+    backends: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,10 @@ def check_fleet(flat: Mapping[str, Any]) -> None:
         )
     if flat["fleet.distill-epochs"] < 0:
         raise ConfigError(f"fleet.distill-epochs must be >= 0, got {flat['fleet.distill-epochs']}")
+    if flat["fleet.backends"] not in BACKENDS:
+        raise ConfigError(
+            f"fleet.backends must be one of {', '.join(BACKENDS)}, got '{flat['fleet.backends']}'"
+        )
     if not parse_fleet_classes(flat["fleet.classes"]):
         return
     for key in (
@@ -124,7 +133,15 @@ def check_fleet(flat: Mapping[str, Any]) -> None:
         if flat[key]:
             raise ConfigError(f"fleet.classes does not combine with {key} (yet); unset one")
     if flat["client.backend"] != "torch":
-        raise ConfigError("fleet.classes trains every class with torch: client.backend = torch")
+        raise ConfigError(
+            "fleet.classes does not combine with a client.backend other than torch; "
+            "fleet.backends = profile trains each class on its profile's runtime"
+        )
+    if flat["fleet.backends"] == "profile" and flat["kd.hint-weight"]:
+        raise ConfigError(
+            "fleet.backends = profile: kd.hint-weight needs the torch teacher on every node; "
+            "set it to 0"
+        )
 
 
 def _number(text: str) -> float:

@@ -75,8 +75,16 @@ def test_a_fleet_refuses_what_it_does_not_combine_with(key: str, value: str) -> 
     [
         ("fleet.ensemble", "everyone", "fleet.ensemble must be one of all, larger"),
         ("fleet.distill-epochs", -1, "fleet.distill-epochs must be >= 0"),
+        ("fleet.backends", "onnx", "fleet.backends must be one of torch, profile"),
     ],
 )
 def test_the_server_step_settings_are_checked(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         EdgeKDConfig().with_overrides({key: value})
+
+
+def test_profile_backends_refuse_a_hint_loss_the_graphs_cannot_compute() -> None:
+    fleet = {"fleet.classes": "pi:0.5,jetson:0.5", "fleet.backends": "profile"}
+    assert EdgeKDConfig().with_overrides(fleet).fleet.backends == "profile"
+    with pytest.raises(ConfigError, match="fleet.backends = profile: kd.hint-weight"):
+        EdgeKDConfig().with_overrides({**fleet, "kd.hint-weight": 0.5})

@@ -24,10 +24,11 @@ def test_a_fleet_of_two_classes_simulates_and_bundles_each_class(tmp_path: Path)
     # Execute
     code = main(
         ["simulate", "--num-clients", "4", "--rounds", "3", "--out", str(out), *SMALL]
-        + ["--set", "fleet.classes=pi:0.5,jetson:0.5"]
+        + ["--set", "fleet.classes=pi:0.5,jetson:0.5", "--set", "fleet.backends=profile"]
     )
 
-    # Assert: a student per class, each trained by its own two nodes, none rejected.
+    # Assert: a student per class, each trained by its own two nodes on its profile's
+    # runtime (the Pi's through the onnxruntime step graphs), none rejected.
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     classes = report["fleet"]["classes"]
@@ -36,6 +37,8 @@ def test_a_fleet_of_two_classes_simulates_and_bundles_each_class(tmp_path: Path)
         assert block["nodes"] == 2
         assert [r["round"] for r in block["rounds"]] == [0, 1, 2, 3]
         assert sum(r["replies"] for r in block["rounds"][1:]) == 2 * 3
+        runtime = "onnxruntime" if block["profile"] == "raspberry-pi" else "torch"
+        assert sum(r[f"updates_{runtime}"] for r in block["rounds"][1:]) == 2 * 3
         assert sum(r["rejected"] + r["failures"] for r in block["rounds"][1:]) == 0
         assert block["accuracy"] > 0.3  # chance is 0.1
         assert block["own_class"]["accuracy"] > 0.3
