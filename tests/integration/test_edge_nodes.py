@@ -11,6 +11,7 @@ here from the same student.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,22 +51,32 @@ def _state(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path: Path) -> None:
-    # Prepare: the two bundles, and a `torch` that cannot be imported on the devices.
-    # This width-8 student is small and its logits near-tied: INT8 flips ~7 % of its
-    # predictions (the default width-16 student: 2.2 %), so the Pi profile used here
-    # accepts 10 % (a user-supplied profile file, as `deploy build --target FILE`).
+def _pi_bundle(fleet: Fleet, tmp_path: Path) -> Path:
+    """A Raspberry Pi bundle of the width-8 student. It is small and its logits near-tied:
+    INT8 flips ~7 % of its predictions (the default width-16 student: 2.2 %), so the Pi
+    profile used here accepts 10 % (a user-supplied profile file, as `deploy build
+    --target FILE`)."""
     shipped = Path(edgekd.deploy.__file__).parent / "profiles" / "raspberry-pi.toml"
     profile = tmp_path / "pi-small-student.toml"
     profile.write_text(
         shipped.read_text().replace("max_top1_disagreement = 0.03", "max_top1_disagreement = 0.10")
     )
-    pi = build_bundle(STUDENT, str(profile), tmp_path / "pi", superlink=fleet.address)
-    assert load_bundle(ANDROID).profile.backend == "litert"
+    return build_bundle(STUDENT, str(profile), tmp_path / "pi", superlink=fleet.address)
+
+
+def _no_torch_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``import torch`` fails, as on the devices."""
     shim = tmp_path / "no-torch"
     (shim / "torch").mkdir(parents=True)
     (shim / "torch" / "__init__.py").write_text(NO_TORCH)
-    device_env = {"PYTHONPATH": str(shim)}
+    return {"PYTHONPATH": str(shim)}
+
+
+def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path: Path) -> None:
+    # Prepare: the two bundles, and a `torch` that cannot be imported on the devices.
+    pi = _pi_bundle(fleet, tmp_path)
+    assert load_bundle(ANDROID).profile.backend == "litert"
+    device_env = _no_torch_env(tmp_path)
     fleet.node(0, bundle=pi, name="pi", env=device_env)
     fleet.node(1, bundle=ANDROID, name="android", env=device_env)
 
@@ -123,3 +134,44 @@ def test_onnxruntime_and_litert_nodes_train_without_torch(fleet: Fleet, tmp_path
     # ...and the student is better for it.
     accuracy = [r["accuracy"] for r in report["rounds"]]
     assert accuracy[-1] > accuracy[0], accuracy
+
+
+def test_a_fleet_of_a_bundled_pi_and_a_torch_jetson_trains_a_student_per_class(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: a torch-free Pi started with its bundle (its class comes from the bundle's
+    # profile) and a torch node on partition 2 (a jetson by its partition, of 5).
+    pi = _pi_bundle(fleet, tmp_path)
+    fleet.node(0, bundle=pi, name="pi", env=_no_torch_env(tmp_path))
+    fleet.node(2, name="jetson")
+
+    # Execute: the fleet, then its own-class comparator, two rounds each.
+    settings = ["--rounds", "2", "--set", "fleet.classes=pi=8:0.5,jetson:0.5"]
+    for item in (
+        "data.num-samples=4000",
+        "data.partition=iid",
+        "model.teacher-epochs=10",
+        "train.warm-start-epochs=2",
+        "train.min-nodes=2",
+        "train.round-timeout=60",
+    ):
+        settings += ["--set", item]  # fmt: skip
+    fleet.run(tmp_path / "run", settings=settings)
+
+    # Assert: each class was trained by its own node on its own runtime, in both passes,
+    # with no update refused; the Pi's width-8 student came back from onnxruntime.
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    classes = report["fleet"]["classes"]
+    assert [(n, c["width"], c["nodes"]) for n, c in classes.items()] == [
+        ("pi", 8, 1),
+        ("jetson", 32, 1),
+    ]
+    for name, runtime in (("pi", "onnxruntime"), ("jetson", "torch")):
+        for rounds in (classes[name]["rounds"][1:], classes[name]["own_class"]["rounds"][1:]):
+            assert [r[f"updates_{runtime}"] for r in rounds] == [1, 1], rounds
+            assert sum(r["rejected"] + r["failures"] for r in rounds) == 0
+        assert classes[name]["accuracy"] > 0.3  # chance is 0.1
+    log = (tmp_path / "node-pi.log").read_text(errors="replace")
+    assert log.count("Sending: train message") == 4, log[-3000:]
+    model, spec = load_checkpoint(str(tmp_path / "run" / "students" / "pi.pt"))
+    assert spec.width == 8
