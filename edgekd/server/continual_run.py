@@ -64,6 +64,7 @@ from edgekd.server.continual_resume import (
     completed_summary,
     continual_resume_point,
 )
+from edgekd.server.federation import robust_aggregator
 from edgekd.server.ledger import RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
 from edgekd.wire.payload import record_to_state, state_to_record
@@ -123,6 +124,7 @@ def run_method(
         node_wait=t.round_timeout,
         max_examples=t.max_examples,
         norm_bound=t.norm_bound,
+        aggregator=robust_aggregator(t.aggregation, t.server_lr, t.server_momentum),
         fraction_train=t.fraction_train,
         fraction_evaluate=0.0,  # the server scores every task itself
         min_train_nodes=t.min_nodes,

@@ -314,3 +314,21 @@ def test_lwf_and_lwf_proxy_take_their_own_weights(cfg: EdgeKDConfig) -> None:
     # Assert
     assert (lwf.name, lwf.weight) == ("lwf", 1.5)  # type: ignore[attr-defined]
     assert (lwf_proxy.name, lwf_proxy.weight) == ("lwf-proxy", 0.25)  # type: ignore[attr-defined]
+
+
+def test_the_continual_server_step_honours_the_server_learning_rate(cfg: EdgeKDConfig) -> None:
+    # Prepare: one task of one round, at server lr 1 (plain FedAvg) and 0.5 (FedAvgM).
+    one = cfg.with_overrides({"continual.tasks": 1, "continual.rounds-per-task": 1})
+    half = one.with_overrides({"train.server-lr": 0.5})
+
+    # Execute
+    _, _, full_step = _run(one, "naive")
+    fed, _, half_step = _run(half, "naive")
+
+    # Assert: the nodes trained from the same start; the server moved half as far.
+    start = {k: torch.from_numpy(v) for k, v in fed.received[1, NODES[0]].items()}
+    for name, value in half_step.state_dict().items():
+        full = full_step.state_dict()[name]
+        expected = start[name] + 0.5 * (full - start[name])
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not torch.allclose(full_step.state_dict()["head.weight"], start["head.weight"])
