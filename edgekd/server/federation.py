@@ -269,8 +269,26 @@ class RoundLog:
                 pruner_initial_round=initial_round,
                 rng=capture_rng(),
                 extra=plan.extra,
+                arrays=momentum_arrays(self.strategy.aggregator),
             ),
         )
+
+
+MOMENTUM = "server-momentum/"  # RunCheckpoint.arrays prefix of FedAvgM's momentum buffer
+
+
+def momentum_arrays(aggregator: FedAvg | None) -> dict[str, np.ndarray]:
+    """FedAvgM's momentum buffer (``train.server-momentum``) for the checkpoint, one array
+    per tensor in the student's order: a resumed run goes on with it, not from zero."""
+    vector = aggregator.momentum_vector if isinstance(aggregator, FedAvgM) else None
+    return {f"{MOMENTUM}{i:04d}": np.asarray(v) for i, v in enumerate(vector or [])}
+
+
+def restore_momentum(aggregator: FedAvg | None, arrays: dict[str, np.ndarray]) -> None:
+    """Put back what `momentum_arrays` saved (nothing saved: the buffer stays empty)."""
+    saved = [arrays[k] for k in sorted(arrays) if k.startswith(MOMENTUM)]
+    if saved and isinstance(aggregator, FedAvgM):
+        aggregator.momentum_vector = [np.array(v) for v in saved]
 
 
 def run_federation(
@@ -311,6 +329,8 @@ def run_federation(
     if mode == "kd" and teacher is not None and cfg.kd.server_distill_epochs > 0:
         post = server_distill_step(cfg, data, spec, teacher, public_probs)
     strategy = make_strategy(cfg, mode, spec, reference, schedule, pruner, records, post)
+    if resumed is not None:
+        restore_momentum(strategy.aggregator, resumed.arrays)
     first_round = resumed.round + 1 if resumed is not None else 1
     tracker = RoundTracker(spec, data, t.num_rounds - first_round + 1, label, show_progress)
     round_log = RoundLog(cfg, strategy, tracker, pruner, checkpoint)

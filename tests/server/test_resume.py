@@ -103,6 +103,30 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     assert load_run_checkpoint(broken).round == 4
 
 
+def test_a_resumed_run_carries_the_server_momentum_on(tmp_path: Path) -> None:
+    # Prepare: FedAvgM (configs/device-adapted.toml's server step); no pruning, for speed.
+    momentum = {"train.server-momentum": 0.5, "compression.prune": "", "train.num-rounds": 3}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_edgekd(_federation(_cfg(whole, **momentum)), _cfg(whole, **momentum), show_progress=False)
+    with pytest.raises(ServerKilled):
+        run_edgekd(
+            _federation(_cfg(broken, **momentum), kill_at=3),
+            _cfg(broken, **momentum),
+            show_progress=False,
+        )
+    saved = load_run_checkpoint(broken)
+    assert saved.round == 2 and any(k.startswith("server-momentum/") for k in saved.arrays)
+
+    # Execute
+    resumed = _cfg(broken, **momentum, resume=True)
+    run_edgekd(_federation(resumed), resumed, show_progress=False)
+
+    # Assert: round 3's server step used the momentum of rounds 1-2, as the whole run did.
+    expected, got = _student(whole), _student(broken)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 LEAN = {
     "compression.start-round": 0,  # pruned on the server before round 1
     "compression.quantize": "int8",
