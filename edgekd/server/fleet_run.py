@@ -133,10 +133,15 @@ class ClassRun:
 
 
 def ask_classes(
-    grid: Grid, classes: tuple[DeviceClass, ...], min_nodes: int, timeout: float
+    grid: Grid,
+    classes: tuple[DeviceClass, ...],
+    min_nodes: int,
+    timeout: float,
+    asked: set[int] | None = None,
 ) -> dict[str, list[int]]:
     """Ask every connected node its class (waiting up to ``timeout`` for ``min_nodes``);
-    a node that fails or names no class of the fleet is logged and left out.
+    a node that fails or names no class of the fleet is logged and left out. The nodes
+    asked are added to ``asked``.
 
     Raises:
         FleetError: a class no node answered for.
@@ -144,6 +149,8 @@ def ask_classes(
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < min_nodes and time.monotonic() < deadline:
         time.sleep(1.0)
+    if asked is not None:
+        asked.update(nodes)
     out = query_classes(grid, nodes, classes, timeout)
     empty = [name for name, members in out.items() if not members]
     if empty:
@@ -224,10 +231,10 @@ def run_fleet(grid: Grid, cfg: EdgeKDConfig, *, show_progress: bool = True) -> P
         cfg, data, spec_for(data.input_shape, data.num_classes, cfg.model.teacher_width),
         out_dir, None,
     )  # fmt: skip
-    members = ask_classes(grid, classes, cfg.train.min_nodes, cfg.train.round_timeout)
+    asked: set[int] = set()  # nodes asked their class: a node that connects later is too
+    members = ask_classes(grid, classes, cfg.train.min_nodes, cfg.train.round_timeout, asked)
     say("fleet: " + ", ".join(f"{c.name} {len(members[c.name])} nodes" for c in classes))
     runs = [class_run(c, cfg, data, teacher, members[c.name], say) for c in classes]
-    asked = set(grid.get_node_ids()) | {n for m in members.values() for n in m}
     for step, label in (("ensemble", "fleet"), ("teacher", "own-class comparator")):
         seed_everything(cfg.seed)
         run_rounds(

@@ -184,22 +184,26 @@ def test_with_every_class_in_the_ensemble_the_widest_class_learns_from_the_other
     assert "every class's student, its own included" in report["fleet"]["step"]
 
 
+@pytest.mark.parametrize(
+    ("connects_on", "joins_at"),
+    [("query", 1), ("train", 2)],  # while the students warm-start; during round 1
+)
 def test_a_node_that_connects_after_the_class_query_joins_its_class_from_that_round(
-    tmp_path: Path,
+    tmp_path: Path, connects_on: str, joins_at: int
 ) -> None:
-    # Prepare: five partitions; partition 4's node (a jetson) connects after round 1.
+    # Prepare: five partitions; partition 4's node (a jetson) connects when node 101 first
+    # answers a message of type ``connects_on``.
     cfg = tiny(tmp_path, **{"train.num-rounds": 3})
-    nodes = [*NODES, 105]
     app = make_client_app(cfg)
-    contexts = node_contexts(nodes, R.PARTITION_ID, R.NUM_PARTITIONS)
+    contexts = node_contexts([*NODES, 105], R.PARTITION_ID, R.NUM_PARTITIONS)
     connected = list(NODES)
-    trained: dict[int, list[int]] = {}
+    trained: dict[int, int] = {}
 
     def answer(node: int, msg: Message) -> RecordDict | None:
         if msg.metadata.message_type == "train":
-            trained.setdefault(node, []).append(len(trained.get(node, [])))
-            if len(trained[101]) == 1 and 105 not in connected:  # after round 1's first reply
-                connected.append(105)
+            trained[node] = trained.get(node, 0) + 1
+        if node == 101 and msg.metadata.message_type == connects_on and 105 not in connected:
+            connected.append(105)
         return app(msg, contexts[node]).content
 
     grid = FakeGrid(connected, answer)
@@ -207,17 +211,17 @@ def test_a_node_that_connects_after_the_class_query_joins_its_class_from_that_ro
     # Execute
     out = run_fleet(grid, cfg, show_progress=False)
 
-    # Assert: 105 was asked its class once, trained rounds 2 and 3 of both passes (2 x 2),
+    # Assert: 105 was asked its class once, trained from round ``joins_at`` in both passes,
     # and only with the jetson width; the others trained all 3 rounds of both passes.
     report = json.loads((out / "report.json").read_text())
     classes = report["fleet"]["classes"]
-    assert classes["jetson"]["joined_late"] == {"105": 2}
+    assert classes["jetson"]["joined_late"] == {"105": joins_at}
     assert classes["pi"]["joined_late"] == {}
     assert (classes["pi"]["nodes"], classes["jetson"]["nodes"]) == (2, 3)
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
     assert sorted(m.metadata.dst_node_id for m in queries) == [101, 102, 103, 104, 105]
-    assert len(trained[105]) == 4
-    assert all(len(trained[n]) == 6 for n in NODES)
+    assert trained[105] == 2 * (3 - joins_at + 1)
+    assert all(trained[n] == 6 for n in NODES)
     to_105 = [
         m for m in grid.sent if m.metadata.dst_node_id == 105 and m.metadata.message_type == "train"
     ]
