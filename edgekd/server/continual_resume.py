@@ -40,6 +40,7 @@ from edgekd.server.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
+from edgekd.server.federation import MOMENTUM
 
 _EXTRA = "continual"
 _START = "task-start/"
@@ -58,6 +59,7 @@ class MethodProgress:
     per_round: dict[int, np.ndarray] = field(default_factory=dict)  # accuracy on every task
     seconds: dict[int, float] = field(default_factory=dict)
     wall_time: float = 0.0  # seconds spent on the method before this server started
+    momentum: dict[str, np.ndarray] = field(default_factory=dict)  # FedAvgM's buffer, if any
 
 
 @dataclass
@@ -112,7 +114,7 @@ class ContinualCheckpointer:
                 config=self.cfg.to_flat(),
                 rng=capture_rng(),
                 extra=extra,
-                arrays=starts,
+                arrays={**starts, **progress.momentum},
             ),
         )
 
@@ -143,6 +145,7 @@ def continual_resume_point(cfg: EdgeKDConfig, out_dir: Path) -> ContinualResume 
             per_round={int(r): np.asarray(a, dtype=float) for r, a in meta["per_round"].items()},
             seconds={int(r): float(s) for r, s in meta["seconds"].items()},
             wall_time=float(meta["wall_time"]),
+            momentum={k: v for k, v in ckpt.arrays.items() if k.startswith(MOMENTUM)},
         )
         completed = [str(m) for m in meta["completed"]]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

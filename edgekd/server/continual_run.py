@@ -64,7 +64,7 @@ from edgekd.server.continual_resume import (
     completed_summary,
     continual_resume_point,
 )
-from edgekd.server.federation import robust_aggregator
+from edgekd.server.federation import momentum_arrays, restore_momentum, robust_aggregator
 from edgekd.server.ledger import RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
 from edgekd.wire.payload import record_to_state, state_to_record
@@ -142,6 +142,7 @@ def run_method(
         seconds=progress.seconds,
     )
     earlier = progress.wall_time
+    restore_momentum(strategy.aggregator, progress.momentum)
 
     def round_end(rnd: int, arrays: ArrayRecord, result: Result) -> None:
         if not progress.rounds:
@@ -150,6 +151,7 @@ def run_method(
         progress.round, progress.state = rnd, dict(record_to_state(arrays))
         progress.task_starts = strategy.task_starts
         progress.per_round, progress.seconds = tracker.per_round, tracker.seconds
+        progress.momentum = momentum_arrays(strategy.aggregator)
         progress.wall_time = earlier + time.perf_counter() - started
         if on_round is not None:
             on_round(progress)

@@ -81,19 +81,25 @@ def _assert_same_student(got: Path, expected: Path) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("method", ["ewc", "lwf", "replay", "teacher-kd"])
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("ewc", {}),
+        ("lwf", {}),
+        ("replay", {}),
+        ("teacher-kd", {}),
+        ("naive", {"train.server-momentum": 0.5}),  # FedAvgM's buffer goes on too
+    ],
+)
 def test_a_method_resumed_mid_task_on_fresh_nodes_equals_the_uninterrupted_run(
-    tmp_path: Path, method: str
+    tmp_path: Path, method: str, extra: dict[str, object]
 ) -> None:
     # Prepare: the reference run, and one whose server dies in round 4 (task 1), after
     # three complete rounds (6 training replies).
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_continual(
-        Nodes(_cfg(whole, **{"continual.method": method})).grid,
-        _cfg(whole, **{"continual.method": method}),
-        show_progress=False,
-    )
-    cfg = _cfg(broken, **{"continual.method": method})
+    settings = {"continual.method": method, **extra}
+    run_continual(Nodes(_cfg(whole, **settings)).grid, _cfg(whole, **settings), show_progress=False)
+    cfg = _cfg(broken, **settings)
     with pytest.raises(ServerKilled):
         run_continual(Nodes(cfg, kill_after=7).grid, cfg, show_progress=False)
     assert load_run_checkpoint(broken).round == 3
@@ -101,9 +107,7 @@ def test_a_method_resumed_mid_task_on_fresh_nodes_equals_the_uninterrupted_run(
 
     # Execute: a new server and new nodes, which hold no state.
     fresh = Nodes(cfg)
-    run_continual(
-        fresh.grid, _cfg(broken, resume=True, **{"continual.method": method}), show_progress=False
-    )
+    run_continual(fresh.grid, _cfg(broken, resume=True, **settings), show_progress=False)
 
     # Assert: each fresh node got the history once (round 4) and rebuilt its state from it.
     assert fresh.history == len(NODES)
