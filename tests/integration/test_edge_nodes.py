@@ -170,7 +170,9 @@ def test_a_fleet_of_a_bundled_pi_and_a_torch_jetson_trains_a_student_per_class(
         for rounds in (classes[name]["rounds"][1:], classes[name]["own_class"]["rounds"][1:]):
             assert [r[f"updates_{runtime}"] for r in rounds] == [1, 1], rounds
             assert sum(r["rejected"] + r["failures"] for r in rounds) == 0
-        assert classes[name]["accuracy"] > 0.3  # chance is 0.1
+        # chance is 0.1; two short rounds from a 2-epoch warm start leave the Pi at 0.32 and
+        # the Jetson at 0.39 here, so the bound keeps clear of another CPU's rounding
+        assert classes[name]["accuracy"] > 0.2
     log = (tmp_path / "node-pi.log").read_text(errors="replace")
     assert log.count("Sending: train message") == 4, log[-3000:]
     model, spec = load_checkpoint(str(tmp_path / "run" / "students" / "pi.pt"))
