@@ -240,8 +240,10 @@ def task_client_split(
         raise ValueError(f"client_id {client_id} outside [0, {num_clients})")
     task_seed = int(np.random.SeedSequence([seed, 11, task.id]).generate_state(1)[0])
     index = partition_of(task.y_train, partition, num_clients, task_seed, client_id)
-    index = np.random.default_rng([seed, 13, task.id, client_id]).permutation(index)
-    return task.train.subset(index)
+    # A permutation of positions, not of ``index`` itself: the partitioner's share is cached
+    # read-only, and numpy shuffles an empty array in place (it copies any other).
+    order = np.random.default_rng([seed, 13, task.id, client_id]).permutation(len(index))
+    return task.train.subset(index[order])
 
 
 def make_stream(

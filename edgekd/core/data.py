@@ -279,8 +279,9 @@ def client_split(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     index = partition_of(data.pool.y, spec, num_partitions, seed, partition_id)
-    rng = np.random.default_rng([seed, 4, partition_id])
-    index = rng.permutation(index)
+    # Positions, not ``index`` itself: the cached share is read-only, and numpy shuffles an
+    # empty array in place where it copies any other.
+    index = index[np.random.default_rng([seed, 4, partition_id]).permutation(len(index))]
     n_val = int(round(val_fraction * len(index))) if len(index) > 1 else 0
     local = data.pool.subset(index)
     return local.subset(np.arange(n_val, len(index))), local.subset(np.arange(n_val))

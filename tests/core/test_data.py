@@ -48,6 +48,21 @@ def test_partition_is_a_pure_function_of_seed_and_ids(mnist1d_small) -> None:  #
     np.testing.assert_array_equal(a_val.x, b_val.x)
 
 
+def test_a_node_with_an_empty_share_gets_empty_splits_every_time(mnist1d_small) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: half as many nodes as pool samples, so many Dirichlet shares are empty (the
+    # partitioner's cache hands them out read-only; numpy once shuffled those in place and
+    # failed).
+    spec, nodes = "dirichlet:0.5", len(mnist1d_small.pool) // 2
+    sizes = [len(partition_of(mnist1d_small.pool.y, spec, nodes, 7, p)) for p in range(nodes)]
+    empty = sizes.index(0)
+    # Execute
+    runs = [client_split(mnist1d_small, spec, empty, nodes, seed=7, val_fraction=0.1) for _ in "ab"]
+    # Assert
+    for train, val in runs:
+        assert len(train) == len(val) == 0
+        assert train.x.shape[1:] == mnist1d_small.pool.x.shape[1:]
+
+
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.1", "pathological:2"])
 def test_partitions_cover_the_pool_without_overlap(spec: str) -> None:
     labels = np.random.default_rng(0).integers(0, 10, size=2000)

@@ -22,6 +22,7 @@ from edgekd.client.continual_client import (
     handle_continual_train,
     held_state,
 )
+from edgekd.continual import streams
 from edgekd.continual.scenario import client_stream
 from edgekd.continual.streams import task_client_split
 from edgekd.core import records as R
@@ -47,6 +48,7 @@ class Federation:
         self.states: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.tasks: dict[tuple[int, int], int] = {}
         self.received: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.examples: dict[tuple[int, int], int] = {}  # num-examples each reply reported
         self.grid = FakeGrid(NODES, self.reply)
 
     def reply(self, node: int, msg: Message) -> RecordDict | None:
@@ -67,6 +69,7 @@ class Federation:
             return None
         self.states[rnd, node] = copy.deepcopy(held_state(context))
         self.tasks[rnd, node] = int(context.state.config_records[META]["task"])  # type: ignore[arg-type]
+        self.examples[rnd, node] = int(out.content.metric_records[R.METRICS][R.NUM_EXAMPLES])  # type: ignore[arg-type]
         return out.content
 
 
@@ -136,6 +139,35 @@ def test_the_task_advances_every_rounds_per_task_rounds(cfg: EdgeKDConfig) -> No
     assert sorted(int(r) for r in summary["accuracy_per_round"]) == [0, 1, 2, 3, 4]
     assert summary["matrix"][0] == summary["accuracy_per_round"]["2"]
     assert summary["baseline"] == summary["accuracy_per_round"]["0"]
+
+
+def test_a_node_with_no_share_of_a_task_replies_empty_and_learns_the_next(
+    cfg: EdgeKDConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: node 12's Dirichlet share of task 1 is empty, as the partitioner's cache hands
+    # it out (read-only). Seed 0's 10-node stream has such a node; it used to fail every
+    # round from that task on.
+    cfg = cfg.with_overrides({"continual.tasks": 3, "continual.rounds-per-task": 1})
+    stream = client_stream(cfg)
+    real = streams.partition_of
+
+    def partition_of(labels: np.ndarray, spec: str, n: int, seed: int, pid: int) -> np.ndarray:
+        share = real(labels, spec, n, seed, pid)
+        empty = pid == 1 and set(np.unique(labels).tolist()) == set(stream[1].classes)
+        return share[:0] if empty else share
+
+    monkeypatch.setattr(streams, "partition_of", partition_of)
+
+    # Execute
+    fed, _, _ = _run(cfg, "lwf")
+
+    # Assert: node 12 replies every round, with 0 examples for task 1 (the server counts that
+    # as empty, not as a failure), and trains task 2 with both earlier tasks' classes seen.
+    assert [fed.examples[r, 12] > 0 for r in (1, 2, 3)] == [True, False, True]
+    assert all(fed.examples[r, 11] > 0 for r in (1, 2, 3))
+    assert fed.tasks[3, 12] == 2
+    seen = fed.states[3, 12]["seen_classes"].tolist()
+    assert seen == sorted(stream[0].classes + stream[1].classes)
 
 
 def test_replay_buffer_is_filled_at_the_task_change_and_survives_rounds(
