@@ -96,6 +96,8 @@ def graph_kd_update(
             f"{layout.optimizer}: rebuild the bundle for train.optimizer = {settings.optimizer}"
         )
     tau = settings.effective_temperature()
+    if len(train) == 0:  # the reply says 0 examples and the server averages nothing of it
+        return OrderedDict(state), {"train-loss": 0.0, "temperature": tau}
     num_classes = layout.num_classes
     weights = (
         inverse_frequency_class_weights(train.y, num_classes, max_weight=settings.max_class_weight)

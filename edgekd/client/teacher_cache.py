@@ -55,7 +55,11 @@ def teacher_session(digest: str, onnx_bytes: bytes | None) -> Any:
 
 
 def teacher_logits(session: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The teacher's logits ``[N, K]`` on ``x``, in batches; ``[0, K]`` for no samples (a
+    node whose share is empty replies with 0 examples rather than failing here)."""
     name = session.get_inputs()[0].name
+    if len(x) == 0:
+        return np.zeros((0, int(session.get_outputs()[0].shape[-1])), dtype=np.float32)
     parts = [
         session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
     ]
