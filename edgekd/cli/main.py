@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_ray_address(ray_address(cfg))
     # Input checks first, so refused input leaves no folder behind; then, before Ray or
     # any training, a finished run is never overwritten without --force.
-    (continual_preflight if cfg.continual.scenario else preflight)(cfg)
+    (continual_preflight if cfg.continual.scenario else preflight)(cfg, args.num_clients)
     claim_run_folder(cfg.out_dir, force=args.force or cfg.resume)
     if cfg.continual.scenario:
         return simulate_continual(cfg, args)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.core.config import EdgeKDConfig
-from edgekd.core.errors import EdgeKDError
+from edgekd.core.errors import ConfigError, EdgeKDError
 
 __all__ = ["UsageError", "build_config", "continual_preflight", "preflight"]
 
@@ -48,16 +48,19 @@ def build_config(
     return cfg.with_overrides(overrides)
 
 
-def preflight(cfg: EdgeKDConfig) -> None:
-    """Fail before Ray starts: load the data (and warm the cache the clients read) and
-    check that a given teacher checkpoint fits the dataset."""
-    from edgekd.core.data import load_federated_data
+def preflight(cfg: EdgeKDConfig, num_clients: int | None = None) -> None:
+    """Fail before Ray starts: load the data (and warm the cache the clients read), check
+    that ``num_clients`` simulated nodes can split its device pool and that a given
+    teacher checkpoint fits the dataset."""
+    from edgekd.core.data import check_partition_count, load_federated_data
     from edgekd.core.data_files import DataFileError
     from edgekd.learn.models import CheckpointError, load_checkpoint, spec_for
 
     try:
         data = load_federated_data(cfg.data, cfg.seed)
-    except DataFileError as exc:
+        if num_clients is not None:
+            check_partition_count(num_clients, len(data.pool))
+    except (DataFileError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
     for path, width in (
         (cfg.model.teacher_path, cfg.model.teacher_width),
@@ -70,14 +73,24 @@ def preflight(cfg: EdgeKDConfig) -> None:
                 raise UsageError(str(exc)) from None
 
 
-def continual_preflight(cfg: EdgeKDConfig) -> None:
-    """Fail before Ray starts: build both streams (warming the caches the clients read)
-    and check that a given teacher checkpoint fits them."""
+def continual_preflight(cfg: EdgeKDConfig, num_clients: int | None = None) -> None:
+    """Fail before Ray starts: build both streams (warming the caches the clients read),
+    check that ``num_clients`` nodes can split every task and that a given teacher
+    checkpoint fits them."""
     from edgekd.continual.scenario import client_stream, server_stream
+    from edgekd.core.data import check_partition_count
     from edgekd.learn.models import CheckpointError, load_checkpoint, spec_for
 
     stream = client_stream(cfg)
     server_stream(cfg)
+    if num_clients is not None:
+        try:
+            smallest = min(len(t.y_train) for t in stream)
+            check_partition_count(
+                num_clients, smallest, "a task's training split", "continual.samples-per-task"
+            )
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     if cfg.model.teacher_path:
         expected = spec_for(stream.input_shape, stream.num_classes, cfg.model.teacher_width)
         try:

@@ -34,6 +34,7 @@ import numpy as np
 
 from edgekd.core.config import DataConfig, parse_partition
 from edgekd.core.data_files import CLASS_NAMES, load_cifar10_folder, load_idx_folder
+from edgekd.core.errors import ConfigError
 
 # The device-domain shift for mnist1d: the values of the issue's trial, under which
 # a teacher trained on the default domain drops from ~0.94 to ~0.88.
@@ -195,6 +196,22 @@ def generate_mnist1d(overrides: Mapping[str, float | int]) -> dict[str, np.ndarr
 
 
 # ------------------------------------------------------------------ partitions
+def check_partition_count(
+    num_partitions: int,
+    num_samples: int,
+    what: str = "the device pool",
+    more_data: str = "data.num-samples",
+) -> None:
+    """Refuse more partitions than samples, which flwr-datasets' partitioners cannot cut
+    (they raise deep inside a node, once per node and round), naming the two knobs."""
+    if num_partitions > num_samples:
+        raise ConfigError(
+            f"{num_partitions} nodes share {what} of {num_samples} samples; flwr-datasets "
+            "cannot cut more partitions than samples: use fewer nodes (--num-clients, or "
+            f"the nodes' num-partitions) or more data ({more_data})"
+        )
+
+
 def partition_indices(
     labels: np.ndarray, spec: str, num_partitions: int, seed: int
 ) -> list[np.ndarray]:
@@ -239,6 +256,7 @@ def _partitioner(labels_bytes: bytes, spec: str, num_partitions: int, seed: int)
 
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
+    check_partition_count(num_partitions, len(labels_bytes) // 8)
     kind, arg = parse_partition(spec)
     partitioner: Partitioner
     if kind == "iid":

@@ -33,6 +33,10 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--dataset", "mnist", "--data-dir", "nowhere"], "nowhere"),
         (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
         (["--set", "sim.client-cpus=0"], "sim.client-cpus must be > 0"),
+        (
+            ["--num-clients", "600", "--set", "data.num-samples=1000"],
+            "600 nodes share the device pool of 500 samples",
+        ),
     ],
 )
 def test_bad_input_exits_with_one_line(args: list[str], needle: str, tmp_path: Path) -> None:

@@ -21,6 +21,11 @@ from edgekd.learn.models import build_model, save_checkpoint, spec_for
         (["--scenario", "class-incremental", "--tasks", "11"], "continual.tasks must be <= 10"),
         (["--scenario", "domain-incremental", "--rounds-per-task", "0"], "rounds-per-task"),
         (["--scenario", "class-incremental", "--dataset", "digits"], "mnist1d only"),
+        (
+            ["--scenario", "class-incremental", "--num-clients", "400"]
+            + ["--set", "continual.samples-per-task=200"],
+            "400 nodes share a task's training split of 151 samples",
+        ),
     ],
 )
 def test_bad_continual_input_exits_with_one_line(

@@ -15,6 +15,7 @@ from edgekd.core.data import (
     partition_of,
     shift_images,
 )
+from edgekd.core.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,15 @@ def test_a_node_with_an_empty_share_gets_empty_splits_every_time(mnist1d_small) 
     for train, val in runs:
         assert len(train) == len(val) == 0
         assert train.x.shape[1:] == mnist1d_small.pool.x.shape[1:]
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "pathological:2"])
+def test_more_partitions_than_samples_is_refused_naming_the_knobs(spec: str) -> None:
+    labels = np.arange(30) % 10
+    with pytest.raises(ConfigError, match=r"31 nodes share .* 30 samples.*data\.num-samples"):
+        partition_of(labels, spec, 31, seed=0, partition_id=0)
+    if not spec.startswith("pathological"):  # which has its own per-label limit, named
+        assert len(partition_indices(labels, spec, 30, seed=0)) == 30  # as many is fine
 
 
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.1", "pathological:2"])
