@@ -89,7 +89,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     print_summary(json.loads(report_path.read_text()))
     print(f"report: {report_path}")
-    return 0
+    return round_verdict(Path(cfg.out_dir))
 
 
 def _run_simulation(
@@ -175,7 +175,44 @@ def simulate_continual(cfg: EdgeKDConfig, args: argparse.Namespace) -> int:
     print()
     print(continual_table(json.loads(report_path.read_text())["continual"]))
     print(f"\nreport: {report_path}")
-    return 0
+    return round_verdict(Path(cfg.out_dir))
+
+
+def round_verdict(out_dir: Path) -> int:
+    """Warn on stderr about the skipped rounds of every ``rounds.jsonl`` in the run folder
+    (a method's sub-folder too); 1 when some run skipped every round, so its student is
+    the one it started from, else 0.
+
+    A round is skipped when fewer nodes than ``train.min-fraction`` of those asked sent a
+    valid update: a node that fails on every round (bad data, a partition it cannot cut)
+    otherwise leaves nothing but a normal-looking table."""
+    status = 0
+    for path in sorted(out_dir.glob("*rounds.jsonl")) + sorted(out_dir.glob("*/rounds.jsonl")):
+        rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rounds = [r for r in rounds if r.get("round", 0) > 0]
+        skipped = [r for r in rounds if r.get("skipped")]
+        if not skipped:
+            continue
+        failed = sum(r.get("failures", 0) for r in skipped)
+        rejected = sum(r.get("rejected", 0) for r in skipped)
+        reason = next((r["reasons"][0] for r in skipped if r.get("reasons")), "")
+        every = len(skipped) == len(rounds)
+        print(
+            f"edgekd: {'error' if every else 'warning'}: {len(skipped)} of {len(rounds)} "
+            f"rounds skipped in {path} (too few valid updates for train.min-fraction: "
+            f"{failed} failed and {rejected} rejected replies)"
+            + ("; the student never left its starting point" if every else "")
+            + (f"; first reason: {_last_line(reason)}" if reason else ""),
+            file=sys.stderr,
+        )
+        status = 1 if every else status
+    return status
+
+
+def _last_line(reason: str) -> str:
+    """The line of a node's error that names it (a Ray traceback ends with the message)."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def continual_table(results: dict[str, dict[str, Any]]) -> str:

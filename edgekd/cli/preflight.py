@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from edgekd.core.config import EdgeKDConfig
+from edgekd.core.config import EdgeKDConfig, parse_partition
 from edgekd.core.errors import ConfigError, EdgeKDError
 
 __all__ = ["UsageError", "build_config", "continual_preflight", "preflight"]
@@ -83,6 +83,14 @@ def continual_preflight(cfg: EdgeKDConfig, num_clients: int | None = None) -> No
 
     stream = client_stream(cfg)
     server_stream(cfg)
+    kind, arg = parse_partition(cfg.data.partition)
+    fewest = min(len(task.classes) for task in stream)
+    if kind == "pathological" and int(arg) > fewest:
+        raise UsageError(
+            f"data.partition {cfg.data.partition!r} gives each node {int(arg)} classes of a "
+            f"task, but a task of this stream holds {fewest}; use pathological:<k> with "
+            f"k <= {fewest}, or dirichlet:<alpha>"
+        )
     if num_clients is not None:
         try:
             smallest = min(len(t.y_train) for t in stream)

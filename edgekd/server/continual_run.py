@@ -64,7 +64,12 @@ from edgekd.server.continual_resume import (
     completed_summary,
     continual_resume_point,
 )
-from edgekd.server.federation import momentum_arrays, restore_momentum, robust_aggregator
+from edgekd.server.federation import (
+    MAX_REASONS,
+    momentum_arrays,
+    restore_momentum,
+    robust_aggregator,
+)
 from edgekd.server.ledger import RoundLedger, metric_value
 from edgekd.server.teacher import obtain_teacher
 from edgekd.wire.payload import record_to_state, state_to_record
@@ -190,13 +195,15 @@ def _round_record(
     """One line of ``rounds.jsonl``: the round's task, scores, time, counters and losses."""
     metrics = result.train_metrics_clientapp.get(rnd)
     acc = tracker.per_round.get(rnd)
+    ledger = strategy.ledger.get(rnd, RoundLedger())
     return {
         "round": rnd,
         "task": schedule.task_of(rnd) if rnd > 0 else None,
         "accuracy": metric_value(result.evaluate_metrics_serverapp.get(rnd), R.ACCURACY),
         "task_accuracy": acc.tolist() if acc is not None else None,
         "seconds": tracker.seconds.get(rnd),
-        **strategy.ledger.get(rnd, RoundLedger()).counters(),
+        **ledger.counters(),
+        "reasons": ledger.reasons[:MAX_REASONS],  # why replies failed or were rejected
         "train_loss": metric_value(metrics, R.TRAIN_LOSS),
         "penalty": metric_value(metrics, R.PENALTY),
     }

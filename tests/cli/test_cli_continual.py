@@ -26,6 +26,10 @@ from edgekd.learn.models import build_model, save_checkpoint, spec_for
             + ["--set", "continual.samples-per-task=200"],
             "400 nodes share a task's training split of 151 samples",
         ),
+        (
+            ["--scenario", "class-incremental", "--partition", "pathological:3"],
+            "a task of this stream holds 2",
+        ),
     ],
 )
 def test_bad_continual_input_exits_with_one_line(

@@ -331,6 +331,41 @@ def test_strategy_injects_the_task_and_keeps_rejecting_bad_updates(cfg: EdgeKDCo
     assert [fed.tasks[r, NODES[1]] for r in (1, 2)] == [0, 1]
 
 
+def test_a_round_record_says_why_a_node_failed(
+    cfg: EdgeKDConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: node 12's share of task 1 cannot be cut (a partitioner error, as a node
+    # with too few samples for its partition count meets it).
+    real = streams.partition_of
+    stream = client_stream(cfg)
+
+    def partition_of(labels: np.ndarray, spec: str, n: int, seed: int, pid: int) -> np.ndarray:
+        if pid == 1 and set(np.unique(labels).tolist()) == set(stream[1].classes):
+            raise ValueError("this share cannot be cut")
+        return real(labels, spec, n, seed, pid)
+
+    monkeypatch.setattr(streams, "partition_of", partition_of)
+    fed = Federation(cfg)
+
+    def reply(node: int, msg: Message) -> RecordDict | None:
+        out = fed.reply(node, msg)
+        return out if out is not None else RecordDict()  # a reply with nothing in it
+
+    fed.grid.reply = reply
+
+    # Execute
+    _, rounds, _ = run_method(
+        fed.grid, cfg, "naive", stream, spec_for(stream.input_shape, 10, 4),
+        build_model(spec_for(stream.input_shape, 10, 4)), proxy_record=None,
+    )  # fmt: skip
+
+    # Assert: rounds 3-4 (task 1) reject node 12's empty reply and say why; 1-2 are clean.
+    assert [(r["round"], r["rejected"], len(r["reasons"])) for r in rounds] == [
+        (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 1, 1), (4, 1, 1),
+    ]  # fmt: skip
+    assert all(str(NODES[1]) in r["reasons"][0] for r in rounds[3:])
+
+
 def test_lwf_and_lwf_proxy_take_their_own_weights(cfg: EdgeKDConfig) -> None:
     # Prepare: the round config as the server sends it, with two different weights
     tuned = cfg.with_overrides({"continual.weight": 1.5, "continual.lwf-proxy-weight": 0.25})
