@@ -14,7 +14,6 @@ graph (`edgekd.client.edge_client`); a simulated node does the same with
 
 from __future__ import annotations
 
-import lzma
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def _node_data(cfg: EdgeKDConfig, context: Context) -> tuple[ArrayDataset, Array
 
 
 def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
-    from edgekd.client.teacher_cache import teacher_logits, teacher_session
+    from edgekd.client.teacher_cache import round_teacher_logits
     from edgekd.client.trainer import local_kd_update
 
     train, _, spec = _node_data(cfg, context)
@@ -69,14 +68,7 @@ def handle_train(cfg: EdgeKDConfig, msg: Message, context: Context) -> Message:
     logits = None
     proxy = None
     if settings.mode == "kd" and str(config[R.SOFT_TARGETS]) == "on-device":
-        attached = msg.content.array_records.get(R.TEACHER)
-        blob = (
-            lzma.decompress(attached[R.TEACHER_ONNX].numpy().tobytes())
-            if attached is not None
-            else None
-        )
-        session = teacher_session(str(config[R.TEACHER_HASH]), blob)
-        logits = teacher_logits(session, train.x)
+        logits = round_teacher_logits(msg.content, config, train.x)
     elif settings.mode == "kd":
         p = msg.content.array_records[R.PROXY]
         proxy = (p[R.PROXY_X].numpy(), p[R.PROXY_LOGITS].numpy())

@@ -27,7 +27,6 @@ by ``partition-id`` / ``num-partitions`` in the node config.
 from __future__ import annotations
 
 import logging
-import lzma
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -307,13 +306,9 @@ def _class_weights(y: np.ndarray, num_classes: int, settings: RoundSettings) -> 
 
 
 def _teacher_logits(msg: Message, config: Any, x: np.ndarray) -> np.ndarray:
-    from edgekd.client.teacher_cache import teacher_logits, teacher_session
+    from edgekd.client.teacher_cache import round_teacher_logits
 
-    attached = msg.content.array_records.get(R.TEACHER)
-    blob = lzma.decompress(attached[R.TEACHER_ONNX].numpy().tobytes()) if attached else None
-    return np.asarray(
-        teacher_logits(teacher_session(str(config[R.TEACHER_HASH]), blob), x), np.float32
-    )
+    return np.asarray(round_teacher_logits(msg.content, config, x), np.float32)
 
 
 def _local_head_kd(

@@ -1,9 +1,11 @@
 """On-device teacher: the ONNX teacher arrives once, is cached by its sha256, and
-produces soft targets with onnxruntime (no torch needed on the device)."""
+produces soft targets with onnxruntime (no torch needed on the device). In a fleet a
+narrower class's round may also bring a peer student (`round_teacher_logits`)."""
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.core import records as R
 from edgekd.core.data import cache_dir
 from edgekd.core.errors import EdgeKDError
 
@@ -64,3 +67,37 @@ def teacher_logits(session: Any, x: np.ndarray, batch_size: int = 1024) -> np.nd
         session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(parts).astype(np.float32)
+
+
+def round_teacher_logits(content: Any, config: Any, x: np.ndarray) -> np.ndarray:
+    """The logits a node distils toward this round, on ``x`` (float32 ``[N, K]``).
+
+    The teacher's (attached xz-compressed, or cached by ``kd.teacher-hash``); in a fleet
+    whose server attached ``R.PEER`` (the widest class's current student, for a narrower
+    class), ``(1 - w) * teacher + w * peer`` with ``w = fleet.peer-weight``. The peer
+    changes every round, so its session lives for this call only and nothing is cached.
+    """
+    attached = content.array_records.get(R.TEACHER)
+    blob = lzma.decompress(attached[R.TEACHER_ONNX].numpy().tobytes()) if attached else None
+    logits = teacher_logits(teacher_session(str(config[R.TEACHER_HASH]), blob), x)
+    peer = content.array_records.get(R.PEER)
+    if peer is None:
+        return logits
+    import onnxruntime as ort
+
+    weight = float(config[R.PEER_WEIGHT])
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"{R.PEER_WEIGHT} must be in [0, 1], got {weight}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        lzma.decompress(peer[R.TEACHER_ONNX].numpy().tobytes()),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    peer_logits = teacher_logits(session, x)
+    if peer_logits.shape != logits.shape:
+        raise ValueError(
+            f"the peer student gives logits {peer_logits.shape}, the teacher {logits.shape}"
+        )
+    return ((1.0 - weight) * logits + weight * peer_logits).astype(np.float32)

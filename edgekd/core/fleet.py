@@ -46,6 +46,11 @@ class FleetConfig:
     distill_epochs: int = 3
     # One of BACKENDS: what a simulated node trains with (a bundled node: its bundle's)
     backends: str = "torch"
+    # The share of the widest class's current student in a narrower class's on-device soft
+    # targets: the nodes distil toward (1 - w) * teacher logits + w * its logits, on their
+    # own data (it learned the devices' domain, which the teacher did not). 0 is off.
+    # Chosen on held-out seeds: docs/device-classes.md
+    peer_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ def check_fleet(flat: Mapping[str, Any]) -> None:
         )
     if flat["fleet.distill-epochs"] < 0:
         raise ConfigError(f"fleet.distill-epochs must be >= 0, got {flat['fleet.distill-epochs']}")
+    if not 0.0 <= flat["fleet.peer-weight"] <= 1.0:
+        raise ConfigError(f"fleet.peer-weight must be in [0, 1], got {flat['fleet.peer-weight']}")
     if flat["fleet.backends"] not in BACKENDS:
         raise ConfigError(
             f"fleet.backends must be one of {', '.join(BACKENDS)}, got '{flat['fleet.backends']}'"
@@ -136,6 +143,11 @@ def check_fleet(flat: Mapping[str, Any]) -> None:
         raise ConfigError(
             "fleet.classes does not combine with a client.backend other than torch; "
             "fleet.backends = profile trains each class on its profile's runtime"
+        )
+    if flat["fleet.peer-weight"] and flat["kd.soft-targets"] != "on-device":
+        raise ConfigError(
+            "fleet.peer-weight blends the widest class's student into the nodes' on-device "
+            "soft targets: it needs kd.soft-targets = on-device (or fleet.peer-weight = 0)"
         )
     if flat["fleet.backends"] == "profile" and flat["kd.hint-weight"]:
         raise ConfigError(

@@ -14,6 +14,7 @@ CONFIG = "config"
 METRICS = "metrics"
 TEACHER = "teacher"
 PROXY = "proxy"
+PEER = "peer"  # a fleet: the widest class's student as ONNX (xz), for narrower classes' KD
 HISTORY = "history"  # continual: the global student at the start of every task so far
 MASKS = "masks"  # client-internal: the codec mod hands the decoded masks to the handler
 
@@ -41,6 +42,7 @@ SOFT_TARGETS = "kd.soft-targets"
 AUGMENT = "augment"  # train.augment, applied by torch nodes
 TRUST = "kd.trust"
 TEACHER_HASH = "kd.teacher-hash"  # sha256 of the ONNX; it travels xz-compressed
+PEER_WEIGHT = "fleet.peer-weight"  # the PEER student's share of the on-device KD logits
 SHAPES = "compression.shapes"  # codec shape manifest (JSON): name -> [dtype, shape]
 UPLOAD = "compression.upload"  # fp32 | int8-delta[-ef] | int4-delta[-ef]
 ENTROPY = "compression.entropy"  # none | zlib: how the node packs its reply

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import lzma
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -61,7 +62,7 @@ from edgekd.core.errors import EdgeKDError
 from edgekd.core.fleet import DeviceClass, parse_fleet_classes
 from edgekd.core.numerics import softmax
 from edgekd.core.round_settings import round_config
-from edgekd.deploy.onnx_export import sha256_hex
+from edgekd.deploy.onnx_export import export_onnx_bytes, sha256_hex
 from edgekd.deploy.profiles import load_profile
 from edgekd.learn.compression import CompressionSchedule, Pruner
 from edgekd.learn.models import (
@@ -77,12 +78,13 @@ from edgekd.learn.training import predict_logits, seed_everything
 from edgekd.reporting.report import write_json_atomic
 from edgekd.server.comparators import accuracy, tuned_server_only
 from edgekd.server.federation import make_strategy, teacher_records
+from edgekd.server.ledger import RoundLedger
 from edgekd.server.outputs import model_block
 from edgekd.server.phases import Say, StudentStart, TeacherPhase
 from edgekd.server.pipeline import student_start, teacher_phase
 from edgekd.server.strategy import EdgeKDStrategy
 from edgekd.server.teacher import distill_on_public
-from edgekd.wire.payload import record_to_state, state_to_record
+from edgekd.wire.payload import record_nbytes, record_to_state, state_to_record
 
 log = logging.getLogger("edgekd")
 
@@ -328,10 +330,20 @@ def run_rounds(
     for rnd in range(1, cfg.train.num_rounds + 1):
         admit_late_nodes(grid, runs, asked, rnd, cfg.train.round_timeout)
         messages: list[Message] = []
+        peer = peer_record(cfg, data, runs, arrays) if step == "ensemble" else None
         for run, strategy, record in zip(runs, strategies, arrays, strict=True):
             config = ConfigRecord({**base, R.STUDENT_WIDTH: run.device.width})
+            narrower = peer is not None and run.device.width < peer[0]
+            if narrower:
+                config[R.PEER_WEIGHT] = cfg.fleet.peer_weight
             nodes = class_grid(grid, round_nodes(run, rnd))
-            messages += strategy.configure_train(rnd, record, config, nodes)
+            sent = list(strategy.configure_train(rnd, record, config, nodes))
+            if peer is not None and narrower:
+                for msg in sent:
+                    msg.content.array_records[R.PEER] = peer[1]
+                ledger = strategy.ledger.setdefault(rnd, RoundLedger())
+                ledger.bytes_down += record_nbytes(peer[1]) * len(sent)
+            messages += sent
         replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout))
         for i, (run, strategy) in enumerate(zip(runs, strategies, strict=True)):
             members = set(round_nodes(run, rnd))
@@ -349,6 +361,28 @@ def run_rounds(
         bar.close()
     for run, record in zip(runs, arrays, strict=True):
         run.final[step] = load_for_state(run.spec, record_to_state(record))
+
+
+def peer_record(
+    cfg: EdgeKDConfig, data: FederatedData, runs: list[ClassRun], arrays: list[ArrayRecord]
+) -> tuple[int, ArrayRecord] | None:
+    """``(width, record)``: the widest class's current student as xz-compressed ONNX, which
+    a narrower class's nodes run in onnxruntime (torch-free, as they run the teacher) and
+    blend into their on-device soft targets at ``fleet.peer-weight`` (see
+    `edgekd.client.teacher_cache.round_teacher_logits`). It learned the devices' domain
+    from the other nodes' data, which the teacher, trained on the server's, did not (the
+    screen: docs/device-classes.md). None when the weight is 0, the soft targets are not
+    on-device, or every class is as wide."""
+    if cfg.fleet.peer_weight == 0 or cfg.kd.soft_targets != "on-device":
+        return None
+    widest = max(range(len(runs)), key=lambda i: runs[i].device.width)
+    width = runs[widest].device.width
+    if all(run.device.width == width for run in runs):
+        return None
+    model = load_for_state(runs[widest].spec, record_to_state(arrays[widest]))
+    onnx = export_onnx_bytes(model, data.input_shape)
+    blob = np.frombuffer(lzma.compress(onnx, preset=9), dtype=np.uint8)
+    return width, ArrayRecord({R.TEACHER_ONNX: Array(blob)})
 
 
 def server_step(

@@ -118,6 +118,43 @@ def test_onnx_teacher_is_cached_by_hash_and_matches_torch(tmp_path, monkeypatch)
         teacher_session("1" * 64, None)
 
 
+def test_a_peer_student_is_blended_into_the_teachers_logits(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a teacher and a wider peer, both as the server sends them (xz ONNX).
+    import lzma
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from edgekd.client.teacher_cache import round_teacher_logits
+    from edgekd.core import records as R
+
+    monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    teacher, peer = build_model(SPEC), build_model(spec_for((1, 40), 10, 8))
+    onnx = {name: export_onnx_bytes(m, (1, 40)) for name, m in (("t", teacher), ("p", peer))}
+
+    def record(blob: bytes) -> ArrayRecord:
+        return ArrayRecord({R.TEACHER_ONNX: Array(np.frombuffer(lzma.compress(blob), np.uint8))})
+
+    x = _data(8).x
+    config = ConfigRecord(
+        {R.TEACHER_HASH: hashlib.sha256(onnx["t"]).hexdigest(), R.PEER_WEIGHT: 0.25}
+    )
+    alone = RecordDict({R.TEACHER: record(onnx["t"])})
+    both = RecordDict({R.TEACHER: record(onnx["t"]), R.PEER: record(onnx["p"])})
+
+    # Execute
+    plain, blended = round_teacher_logits(alone, config, x), round_teacher_logits(both, config, x)
+
+    # Assert
+    t, p = predict_logits(teacher, x), predict_logits(peer, x)
+    np.testing.assert_allclose(plain, t, atol=1e-4)
+    np.testing.assert_allclose(blended, 0.75 * t + 0.25 * p, atol=1e-4)
+    assert not np.allclose(blended, t, atol=1e-2)
+    config[R.PEER_WEIGHT] = 1.5
+    with pytest.raises(ValueError, match="fleet.peer-weight must be in"):
+        round_teacher_logits(both, config, x)
+
+
 @pytest.mark.parametrize("quantizer", ["", "int8", "ternary"])
 def test_masked_local_update_keeps_pruned_weights_at_zero(quantizer: str) -> None:
     # Prepare

@@ -76,6 +76,7 @@ def test_a_fleet_refuses_what_it_does_not_combine_with(key: str, value: str) -> 
         ("fleet.ensemble", "everyone", "fleet.ensemble must be one of all, larger"),
         ("fleet.distill-epochs", -1, "fleet.distill-epochs must be >= 0"),
         ("fleet.backends", "onnx", "fleet.backends must be one of torch, profile"),
+        ("fleet.peer-weight", 1.5, r"fleet.peer-weight must be in \[0, 1\]"),
     ],
 )
 def test_the_server_step_settings_are_checked(key: str, value: object, message: str) -> None:
@@ -88,3 +89,10 @@ def test_profile_backends_refuse_a_hint_loss_the_graphs_cannot_compute() -> None
     assert EdgeKDConfig().with_overrides(fleet).fleet.backends == "profile"
     with pytest.raises(ConfigError, match="fleet.backends = profile: kd.hint-weight"):
         EdgeKDConfig().with_overrides({**fleet, "kd.hint-weight": 0.5})
+
+
+def test_peer_targets_need_on_device_soft_targets() -> None:
+    fleet = {"fleet.classes": "pi:0.5,jetson:0.5", "kd.soft-targets": "proxy"}
+    with pytest.raises(ConfigError, match="fleet.peer-weight .* kd.soft-targets = on-device"):
+        EdgeKDConfig().with_overrides(fleet)
+    assert EdgeKDConfig().with_overrides({**fleet, "fleet.peer-weight": 0}).fleet.peer_weight == 0

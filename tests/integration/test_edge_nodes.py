@@ -173,6 +173,13 @@ def test_a_fleet_of_a_bundled_pi_and_a_torch_jetson_trains_a_student_per_class(
         # chance is 0.1; two short rounds from a 2-epoch warm start leave the Pi at 0.32 and
         # the Jetson at 0.39 here, so the bound keeps clear of another CPU's rounding
         assert classes[name]["accuracy"] > 0.2
+    # In the fleet's pass the Pi also got the Jetson student as ONNX every round (the
+    # peer targets, fleet.peer-weight), ran it torch-free and still trained.
+    down = [
+        sum(r["bytes_down"] for r in rs[1:])
+        for rs in (classes["pi"]["rounds"], classes["pi"]["own_class"]["rounds"])
+    ]
+    assert down[0] > down[1] + 2 * 20_000, down  # the width-32 student is ~38 kB as ONNX
     log = (tmp_path / "node-pi.log").read_text(errors="replace")
     assert log.count("Sending: train message") == 4, log[-3000:]
     model, spec = load_checkpoint(str(tmp_path / "run" / "students" / "pi.pt"))

@@ -106,7 +106,11 @@ def test_flwr_run_local_simulation_writes_report(flower_local, tmp_path: Path):
 
 def test_flwr_run_trains_a_student_per_device_class(flower_local, tmp_path: Path):
     # Two SuperNodes, one a class: each asked its class, then trained its class's width.
-    report = _flwr_run(flower_local, tmp_path / "run", ["fleet.classes='pi:0.5,jetson:0.5'"])
+    report = _flwr_run(
+        flower_local,
+        tmp_path / "run",
+        ["fleet.classes='pi:0.5,jetson:0.5'", "fleet.peer-weight=0.0"],
+    )
     classes = report["fleet"]["classes"]
     assert [(n, c["width"], c["nodes"]) for n, c in classes.items()] == [
         ("pi", 16, 1),

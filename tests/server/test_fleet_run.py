@@ -255,3 +255,46 @@ def test_with_profile_backends_the_pi_class_trains_through_onnxruntime_step_grap
     assert torch_pi["rounds"][-1]["updates_torch"] == 2
     assert classes["pi"]["nll"] != torch_pi["nll"]
     assert classes["pi"]["nll"] == pytest.approx(torch_pi["nll"], rel=0.02)
+
+
+def test_narrower_nodes_get_the_widest_student_as_onnx_and_distil_toward_it(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    import lzma
+
+    import onnxruntime as ort
+
+    from edgekd.learn.models import load_for_state, spec_for
+    from edgekd.learn.training import predict_logits
+    from edgekd.wire.payload import record_to_state
+
+    cfg = tiny(tmp_path, **{"fleet.peer-weight": 0.5})
+    grid = AppGrid(cfg)
+
+    # Execute
+    run_fleet(grid, cfg, show_progress=False)
+
+    # Assert: in the fleet's pass (the first 8 train messages) the Pi nodes' carry the
+    # Jetson class's student of that round and the weight; the Jetson nodes' carry none,
+    # and neither does the own-class comparator's pass (a class alone has no peer).
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    fleet, own = trained[:8], trained[8:]
+    pis = [m for m in fleet if m.metadata.dst_node_id in (101, 102)]
+    jetsons = [m for m in fleet if m.metadata.dst_node_id in (103, 104)]
+    assert all(R.PEER in m.content.array_records for m in pis)
+    assert all(m.content.config_records[R.CONFIG][R.PEER_WEIGHT] == 0.5 for m in pis)
+    assert not any(R.PEER in m.content.array_records for m in jetsons + own)
+    first_pi = next(m for m in pis if m.content.config_records[R.CONFIG][R.ROUND] == 1)
+    first_jetson = next(m for m in jetsons if m.content.config_records[R.CONFIG][R.ROUND] == 1)
+    onnx = lzma.decompress(first_pi.content[R.PEER][R.TEACHER_ONNX].numpy().tobytes())
+    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(16, 1, 40)).astype(np.float32)
+    state = record_to_state(first_jetson.content[R.ARRAYS])
+    jetson = load_for_state(spec_for((1, 40), 10, 32), state)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], predict_logits(jetson, x), atol=1e-4)
+    rounds = {int(m.content.config_records[R.CONFIG][R.ROUND]): m for m in pis}  # type: ignore[arg-type]
+    assert (
+        rounds[1].content[R.PEER][R.TEACHER_ONNX].numpy().tobytes()
+        != rounds[2].content[R.PEER][R.TEACHER_ONNX].numpy().tobytes()
+    )  # the Jetson student of round 2 is not that of round 1
