@@ -187,7 +187,7 @@ def round_verdict(out_dir: Path) -> int:
     valid update: a node that fails on every round (bad data, a partition it cannot cut)
     otherwise leaves nothing but a normal-looking table."""
     status = 0
-    for path in sorted(out_dir.glob("*rounds.jsonl")) + sorted(out_dir.glob("*/rounds.jsonl")):
+    for path in sorted(out_dir.glob("rounds.jsonl")) + sorted(out_dir.glob("*/rounds.jsonl")):
         rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rounds = [r for r in rounds if r.get("round", 0) > 0]
         skipped = [r for r in rounds if r.get("skipped")]

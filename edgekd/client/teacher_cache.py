@@ -33,12 +33,6 @@ def teacher_session(digest: str, onnx_bytes: bytes | None) -> Any:
     """The onnxruntime session for teacher ``digest``; stores ``onnx_bytes`` if given."""
     if digest in _SESSIONS:
         return _SESSIONS[digest]
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ImportError(
-            "the on-device teacher needs onnxruntime: pip install 'edgekd[edge]'"
-        ) from exc
     path = _teacher_path(digest)
     if onnx_bytes is not None:
         actual = hashlib.sha256(onnx_bytes).hexdigest()
@@ -50,11 +44,22 @@ def teacher_session(digest: str, onnx_bytes: bytes | None) -> Any:
         os.replace(tmp.name, path)
     if not path.exists():
         raise TeacherMissingError(f"teacher {digest[:12]} is not cached on this node")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _cpu_session(str(path))
     _SESSIONS[digest] = session
     return session
+
+
+def _cpu_session(model: str | bytes) -> Any:
+    """A one-thread onnxruntime CPU session on a model file's path or its bytes."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError(
+            "the on-device teacher needs onnxruntime: pip install 'edgekd[edge]'"
+        ) from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def teacher_logits(session: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -83,18 +88,10 @@ def round_teacher_logits(content: Any, config: Any, x: np.ndarray) -> np.ndarray
     peer = content.array_records.get(R.PEER)
     if peer is None:
         return logits
-    import onnxruntime as ort
-
     weight = float(config[R.PEER_WEIGHT])
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"{R.PEER_WEIGHT} must be in [0, 1], got {weight}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        lzma.decompress(peer[R.TEACHER_ONNX].numpy().tobytes()),
-        options,
-        providers=["CPUExecutionProvider"],
-    )
+    session = _cpu_session(lzma.decompress(peer[R.TEACHER_ONNX].numpy().tobytes()))
     peer_logits = teacher_logits(session, x)
     if peer_logits.shape != logits.shape:
         raise ValueError(
