@@ -51,6 +51,15 @@ class FleetConfig:
     # own data (it learned the devices' domain, which the teacher did not). 0 is off.
     # Chosen on held-out seeds: docs/device-classes.md
     peer_weight: float = 1.0
+    # The CE weight (kd.alpha's role) of those nodes' local loss while they distil toward
+    # the peer; the KD term gets 1 - this. kd.alpha everywhere else (the own-class
+    # comparator, the widest class, the server step). Chosen on held-out seeds:
+    # docs/device-classes.md
+    peer_alpha: float = 0.8
+    # Whether a wider class's nodes also train every narrower class's student on their own
+    # data in the fleet's pass (a Jetson can run a Pi's student; not the other way). The
+    # own-class comparator has only its own nodes either way.
+    train_narrower: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ def check_fleet(flat: Mapping[str, Any]) -> None:
         raise ConfigError(f"fleet.distill-epochs must be >= 0, got {flat['fleet.distill-epochs']}")
     if not 0.0 <= flat["fleet.peer-weight"] <= 1.0:
         raise ConfigError(f"fleet.peer-weight must be in [0, 1], got {flat['fleet.peer-weight']}")
+    if not 0.0 <= flat["fleet.peer-alpha"] <= 1.0:
+        raise ConfigError(f"fleet.peer-alpha must be in [0, 1], got {flat['fleet.peer-alpha']}")
     if flat["fleet.backends"] not in BACKENDS:
         raise ConfigError(
             f"fleet.backends must be one of {', '.join(BACKENDS)}, got '{flat['fleet.backends']}'"

@@ -9,7 +9,13 @@ connects later is asked before the next round and joins its class from then on
 
 1. every class is a federation of its own: an `EdgeKDStrategy` per class (reply checks,
    bounds, wire accounting, FedAvg) sends its student to its class's nodes only, each
-   message naming the width, and averages their replies;
+   message naming the width, and averages their replies. A class narrower than the
+   widest also gets the widest class's current student as ONNX (`peer_record`): its nodes
+   distil on their own data toward ``(1 - w) * z_teacher + w * z_peer``, ``w =
+   fleet.peer-weight``, with CE weight ``fleet.peer-alpha`` in kd.alpha's place (the
+   peer learned the devices' domain from the other classes' data; the teacher did not).
+   With ``fleet.train-narrower`` a wider class's nodes also train every narrower class's
+   student (`helper_nodes`); each reply goes to the class whose message it answers;
 2. the **server step** across classes, FedDF-style (Lin et al., "Ensemble Distillation
    for Robust Model Fusion in Federated Learning", NeurIPS 2020, Alg. 1, with the
    server's teacher as one more member): each class's averaged student c is distilled on
@@ -27,8 +33,8 @@ connects later is asked before the next round and joins its class from then on
    ``alpha`` and ``tau`` are ``kd.alpha`` and ``kd.temperature``.
 
 The comparator **own class** runs the same rounds from the same warm starts with each
-class's server step toward the teacher alone (same loss, epochs and rate): each class in
-a federation of its own, as edgekd trains a single student. With ``--baseline``,
+class's server step toward the teacher alone (same loss, epochs and rate) and no peer:
+each class in a federation of its own, as edgekd trains a single student. With ``--baseline``,
 **server-only** KD of each class's size (tuned as `edgekd.server.comparators` tunes it)
 is added.
 
@@ -329,25 +335,26 @@ def run_rounds(
     bar = _progress(cfg.train.num_rounds, label) if show else None
     for rnd in range(1, cfg.train.num_rounds + 1):
         admit_late_nodes(grid, runs, asked, rnd, cfg.train.round_timeout)
-        messages: list[Message] = []
         peer = peer_record(cfg, data, runs, arrays) if step == "ensemble" else None
+        sent_by: list[list[Message]] = []
         for run, strategy, record in zip(runs, strategies, arrays, strict=True):
             config = ConfigRecord({**base, R.STUDENT_WIDTH: run.device.width})
             narrower = peer is not None and run.device.width < peer[0]
             if narrower:
                 config[R.PEER_WEIGHT] = cfg.fleet.peer_weight
-            nodes = class_grid(grid, round_nodes(run, rnd))
-            sent = list(strategy.configure_train(rnd, record, config, nodes))
+                config[R.ALPHA] = cfg.fleet.peer_alpha
+            nodes = round_nodes(run, rnd) + helper_nodes(cfg, runs, run, rnd, step)
+            sent = list(strategy.configure_train(rnd, record, config, class_grid(grid, nodes)))
             if peer is not None and narrower:
                 for msg in sent:
                     msg.content.array_records[R.PEER] = peer[1]
                 ledger = strategy.ledger.setdefault(rnd, RoundLedger())
                 ledger.bytes_down += record_nbytes(peer[1]) * len(sent)
-            messages += sent
+            sent_by.append(sent)
+        messages = [msg for sent in sent_by for msg in sent]
         replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout))
-        for i, (run, strategy) in enumerate(zip(runs, strategies, strict=True)):
-            members = set(round_nodes(run, rnd))
-            own = [r for r in replies if r.metadata.src_node_id in members]
+        routed = route_replies(replies, sent_by)
+        for i, (strategy, own) in enumerate(zip(strategies, routed, strict=True)):
             averaged, _ = strategy.aggregate_train(rnd, own)
             if averaged is not None:
                 arrays[i] = averaged
@@ -361,6 +368,33 @@ def run_rounds(
         bar.close()
     for run, record in zip(runs, arrays, strict=True):
         run.final[step] = load_for_state(run.spec, record_to_state(record))
+
+
+def helper_nodes(
+    cfg: EdgeKDConfig, runs: list[ClassRun], run: ClassRun, rnd: int, step: str
+) -> list[int]:
+    """The nodes of every wider class, which with ``fleet.train-narrower`` also train
+    ``run``'s student on their own data in the fleet's pass (a device trains every student
+    that fits it: HeteroFL, Diao et al., ICLR 2021; FjORD, Horváth et al., NeurIPS 2021).
+    The own-class comparator has none: a class alone has only its own nodes."""
+    if step != "ensemble" or not cfg.fleet.train_narrower:
+        return []
+    wider = [other for other in runs if other.device.width > run.device.width]
+    return [node for other in wider for node in round_nodes(other, rnd)]
+
+
+def route_replies(replies: list[Message], sent_by: list[list[Message]]) -> list[list[Message]]:
+    """Each class's replies, matched by the message each answers (the Grid set the ids
+    when it sent them): a node of a wider class answers its own class's message and, with
+    ``fleet.train-narrower``, a narrower class's too. A reply to no message sent is
+    dropped."""
+    owner = {msg.metadata.message_id: i for i, sent in enumerate(sent_by) for msg in sent}
+    out: list[list[Message]] = [[] for _ in sent_by]
+    for reply in replies:
+        i = owner.get(reply.metadata.reply_to_message_id)
+        if i is not None:
+            out[i].append(reply)
+    return out
 
 
 def peer_record(

@@ -77,6 +77,7 @@ def test_a_fleet_refuses_what_it_does_not_combine_with(key: str, value: str) -> 
         ("fleet.distill-epochs", -1, "fleet.distill-epochs must be >= 0"),
         ("fleet.backends", "onnx", "fleet.backends must be one of torch, profile"),
         ("fleet.peer-weight", 1.5, r"fleet.peer-weight must be in \[0, 1\]"),
+        ("fleet.peer-alpha", -0.1, r"fleet.peer-alpha must be in \[0, 1\]"),
     ],
 )
 def test_the_server_step_settings_are_checked(key: str, value: object, message: str) -> None:

@@ -39,6 +39,8 @@ class FakeGrid(Grid):
     ) -> Iterable[Message]:
         out = []
         for msg in messages:
+            # As Flower's grids do when they push a message (a reply names it)
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             self.sent.append(msg)
             content = self.reply(msg.metadata.dst_node_id, msg)
             if content is None:

@@ -26,6 +26,7 @@ from edgekd.server.fleet_run import (
     class_grid,
     ensemble_members,
     ensemble_targets,
+    route_replies,
     run_fleet,
 )
 
@@ -269,22 +270,25 @@ def test_narrower_nodes_get_the_widest_student_as_onnx_and_distil_toward_it(
     from edgekd.learn.training import predict_logits
     from edgekd.wire.payload import record_to_state
 
-    cfg = tiny(tmp_path, **{"fleet.peer-weight": 0.5})
+    cfg = tiny(tmp_path, **{"fleet.peer-weight": 0.5, "fleet.peer-alpha": 0.3})
     grid = AppGrid(cfg)
 
     # Execute
     run_fleet(grid, cfg, show_progress=False)
 
     # Assert: in the fleet's pass (the first 8 train messages) the Pi nodes' carry the
-    # Jetson class's student of that round and the weight; the Jetson nodes' carry none,
-    # and neither does the own-class comparator's pass (a class alone has no peer).
+    # Jetson class's student of that round, the weight and the peer's CE weight; the
+    # Jetson nodes' carry none and kd.alpha, and so does the own-class comparator's pass
+    # (a class alone has no peer).
     trained = [m for m in grid.sent if m.metadata.message_type == "train"]
     fleet, own = trained[:8], trained[8:]
     pis = [m for m in fleet if m.metadata.dst_node_id in (101, 102)]
     jetsons = [m for m in fleet if m.metadata.dst_node_id in (103, 104)]
     assert all(R.PEER in m.content.array_records for m in pis)
     assert all(m.content.config_records[R.CONFIG][R.PEER_WEIGHT] == 0.5 for m in pis)
+    assert all(m.content.config_records[R.CONFIG][R.ALPHA] == 0.3 for m in pis)
     assert not any(R.PEER in m.content.array_records for m in jetsons + own)
+    assert all(m.content.config_records[R.CONFIG][R.ALPHA] == 0.8 for m in jetsons + own)
     first_pi = next(m for m in pis if m.content.config_records[R.CONFIG][R.ROUND] == 1)
     first_jetson = next(m for m in jetsons if m.content.config_records[R.CONFIG][R.ROUND] == 1)
     onnx = lzma.decompress(first_pi.content[R.PEER][R.TEACHER_ONNX].numpy().tobytes())
@@ -298,3 +302,59 @@ def test_narrower_nodes_get_the_widest_student_as_onnx_and_distil_toward_it(
         rounds[1].content[R.PEER][R.TEACHER_ONNX].numpy().tobytes()
         != rounds[2].content[R.PEER][R.TEACHER_ONNX].numpy().tobytes()
     )  # the Jetson student of round 2 is not that of round 1
+
+
+def test_with_train_narrower_the_wider_nodes_train_the_narrow_student_in_the_fleet_pass_only(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    cfg = tiny(tmp_path, **{"fleet.train-narrower": True})
+    grid = AppGrid(cfg)
+
+    # Execute
+    out = run_fleet(grid, cfg, show_progress=False)
+
+    # Assert: in the fleet's pass (its first 2 x 6 train messages) the Jetson nodes get the
+    # Pi student (width 16) besides their own, and the Pi nodes only theirs; in the
+    # own-class pass every node gets its own class's student alone.
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trained) == 2 * 6 + 2 * 4
+    fleet, own = trained[:12], trained[12:]
+
+    def widths(msgs: list[Message]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for m in msgs:
+            width = int(m.content.config_records[R.CONFIG][R.STUDENT_WIDTH])  # type: ignore[arg-type]
+            out.setdefault(m.metadata.dst_node_id, []).append(width)
+        return {node: sorted(ws) for node, ws in sorted(out.items())}
+
+    assert widths(fleet) == {
+        101: [16, 16],
+        102: [16, 16],
+        103: [16, 16, 32, 32],
+        104: [16, 16, 32, 32],
+    }
+    assert widths(own) == {101: [16, 16], 102: [16, 16], 103: [32, 32], 104: [32, 32]}
+    # Each reply went to the class whose message it answers: the Pi student averaged
+    # four updates a round in the fleet (none rejected for a wrong shape), two alone.
+    pi = json.loads((out / "report.json").read_text())["fleet"]["classes"]["pi"]
+    assert [r["replies"] for r in pi["rounds"][1:]] == [4, 4]
+    assert [r["replies"] for r in pi["own_class"]["rounds"][1:]] == [2, 2]
+    assert all(r["rejected"] + r["failures"] == 0 for r in pi["rounds"][1:])
+    assert pi["nodes"] == 2  # the class's own nodes; the helpers are the Jetson's
+
+
+def test_replies_go_to_the_class_whose_message_they_answer() -> None:
+    sent: list[list[Message]] = [[], []]
+    grid = FakeGrid([1, 2], lambda node, msg: RecordDict())
+    for i, node in [(0, 1), (0, 2), (1, 2)]:  # node 2 gets a message of each class
+        sent[i].append(Message(RecordDict(), dst_node_id=node, message_type="train"))
+    replies = list(grid.send_and_receive([m for s in sent for m in s]))
+    stray = Message(RecordDict(), dst_node_id=2, message_type="train")
+    stray.metadata.__dict__["_message_id"] = "never-sent"
+    replies.append(Message(RecordDict(), reply_to=stray))
+
+    routed = route_replies(replies, sent)
+
+    assert [[r.metadata.src_node_id for r in rs] for rs in routed] == [[1, 2], [2]]
+    assert [r.metadata.reply_to_message_id for r in routed[1]] == [sent[1][0].metadata.message_id]
