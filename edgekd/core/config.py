@@ -30,11 +30,9 @@ TEACHER_FORMATS = ("fp32", "int8")
 # The continual streams (edgekd.continual.streams.SCENARIOS) use this very tuple; the
 # methods are the keys of edgekd.continual.regularizers.REGULARIZERS (a test keeps them).
 CONTINUAL_SCENARIOS = ("class-incremental", "domain-incremental")
-CONTINUAL_METHODS = (
-    "teacher-kd", "lwf-proxy", "replay-proxy", "lwf", "ewc", "replay", "naive",
-)  # fmt: skip
-# The methods the server ships the teacher-kd proxy set to: teacher-kd and the two that get
-# the same data without the teacher's soft targets.
+CONTINUAL_METHODS = ("teacher-kd", "lwf-proxy", "replay-proxy", "lwf", "ewc", "replay", "naive")
+LR_DECAYS = ("none", "cosine")  # continual.lr-decay: edgekd.server.continual.TaskSchedule
+# The methods that get the teacher-kd proxy set: it and the two without its soft targets
 PROXY_METHODS = ("teacher-kd", "lwf-proxy", "replay-proxy")
 
 
@@ -149,10 +147,10 @@ class ContinualConfig:
     # Every method's CE scores only the classes seen so far (Avalanche's masking): off,
     # the future classes' head rows learn to score low and their arrival kills the ReLUs.
     mask_unseen: bool = True
-    # Balanced-softmax local CE, CE(z + log pi_local, y) (FedLC): under label skew a node
-    # holding mostly one class of a task otherwise drives the other's logit down. It replaces
-    # kd.class-weighting in continual training (both correct the class prior).
+    # Balanced-softmax local CE, CE(z + log pi_local, y) (FedLC), in kd.class-weighting's place:
+    # under label skew a node holding mostly one class of a task drives the other's logit down.
     logit_adjust: bool = True
+    lr_decay: str = "none"  # or "cosine": the nodes' lr falls over each task's rounds (LR_DECAYS)
 
 
 @dataclass(frozen=True)
@@ -362,6 +360,7 @@ class EdgeKDConfig:
             "continual.tasks must be <= 10 for class-incremental (mnist1d has 10 classes)",
         )
         _check(cl.rounds_per_task >= 1, "continual.rounds-per-task must be >= 1")
+        _check(cl.lr_decay in LR_DECAYS, f"continual.lr-decay must be one of {LR_DECAYS}")
         _check(
             cl.method in (*CONTINUAL_METHODS, "all"),
             f"continual.method must be one of {(*CONTINUAL_METHODS, 'all')}, got '{cl.method}'",

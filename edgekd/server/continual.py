@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from edgekd.continual.streams import TaskStream
 from edgekd.core import records as R
 from edgekd.core.config import PROXY_METHODS, EdgeKDConfig
 from edgekd.core.data import ArrayDataset
+from edgekd.core.round_settings import config_scalar
 from edgekd.learn.models import (
     ModelSpec,
     load_for_state,
@@ -75,6 +77,7 @@ class TaskSchedule:
 
     tasks: int
     rounds_per_task: int
+    lr_decay: str = "none"  # continual.lr-decay
 
     @property
     def num_rounds(self) -> int:
@@ -85,6 +88,18 @@ class TaskSchedule:
         if not 1 <= server_round <= self.num_rounds:
             raise ValueError(f"round {server_round} outside 1..{self.num_rounds}")
         return (server_round - 1) // self.rounds_per_task
+
+    def lr_scale(self, server_round: int) -> float:
+        """The factor on the nodes' learning rate in ``server_round``: 1 with ``lr_decay =
+        "none"``; with ``"cosine"``, ``(1 + cos(pi * k / n)) / 2`` for the task's ``k``-th
+        round of ``n`` (k = 0, 1, ...), so the lr falls from its full value at a task's first
+        round to near 0 at its last and restarts with the next task (SGDR's schedule,
+        Loshchilov & Hutter, ICLR 2017, one cycle a task): each task ends on a settled
+        model, not wherever the last round's step left it."""
+        if self.lr_decay == "none":
+            return 1.0
+        k = (server_round - 1) % self.rounds_per_task
+        return 0.5 * (1.0 + math.cos(math.pi * k / self.rounds_per_task))
 
     def ends_task(self, server_round: int) -> bool:
         """True after the last round of a task: the model then gives a row of ``R``."""
@@ -146,6 +161,8 @@ class ContinualStrategy(EdgeKDStrategy):
                 R.CL_PROXY_HASH: self.proxy_hash,
             }
         )
+        if R.LR in config:
+            config[R.LR] = float(config_scalar(config, R.LR)) * self.schedule.lr_scale(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         catch_up = {R.PROXY: self.continual_proxy} if self.continual_proxy is not None else {}
         if task > 0:

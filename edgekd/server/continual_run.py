@@ -117,7 +117,7 @@ def run_method(
     started = time.perf_counter()
     t, cl = cfg.train, cfg.continual
     progress = progress or MethodProgress(method)
-    schedule = TaskSchedule(cl.tasks, cl.rounds_per_task)
+    schedule = TaskSchedule(cl.tasks, cl.rounds_per_task, cl.lr_decay)
     reference = model_state(initial)
     strategy = ContinualStrategy(
         schedule=schedule,

@@ -38,6 +38,7 @@ def test_continual_keys_parse() -> None:
     [
         ({"continual.scenario": "task-incremental"}, "continual.scenario"),
         ({"continual.method": "si"}, "continual.method"),
+        ({"continual.lr-decay": "linear"}, "continual.lr-decay must be one of"),
         ({"continual.tasks": 0}, "continual.tasks"),
         ({"continual.scenario": "class-incremental", "continual.tasks": 11}, "continual.tasks"),
         ({"continual.rounds-per-task": 0}, "continual.rounds-per-task"),

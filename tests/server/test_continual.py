@@ -120,6 +120,27 @@ def test_task_schedule() -> None:
         schedule.task_of(7)
 
 
+def test_a_cosine_lr_decay_falls_over_each_task_and_restarts_with_the_next() -> None:
+    assert [TaskSchedule(2, 4).lr_scale(r) for r in range(1, 9)] == [1.0] * 8
+    cosine = TaskSchedule(2, 4, "cosine")
+    scales = [cosine.lr_scale(r) for r in range(1, 9)]
+    expected = [1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2]
+    assert scales == pytest.approx(expected * 2)
+
+
+def test_the_nodes_are_sent_the_tasks_decayed_learning_rate(cfg: EdgeKDConfig) -> None:
+    # Execute
+    fed, _, _ = _run(cfg.with_overrides({"continual.lr-decay": "cosine"}), "naive")
+
+    # Assert: rounds 1-2 are task 0, 3-4 task 1: full lr, then half of it, in each task.
+    sent = {
+        int(m.content.config_records[R.CONFIG][R.ROUND]): m.content.config_records[R.CONFIG][R.LR]
+        for m in fed.grid.sent
+    }  # type: ignore[arg-type]
+    lr = cfg.train.lr
+    assert sent == pytest.approx({1: lr, 2: lr / 2, 3: lr, 4: lr / 2})
+
+
 def test_the_task_advances_every_rounds_per_task_rounds(cfg: EdgeKDConfig) -> None:
     # Execute
     fed, summary, _ = _run(cfg, "naive")
