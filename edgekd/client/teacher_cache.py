@@ -79,22 +79,25 @@ def round_teacher_logits(content: Any, config: Any, x: np.ndarray) -> np.ndarray
 
     The teacher's (attached xz-compressed, or cached by ``kd.teacher-hash``); in a fleet
     whose server attached ``R.PEER`` (the widest class's current student, for a narrower
-    class), ``(1 - w) * teacher + w * peer`` with ``w = fleet.peer-weight``. The peer
-    changes every round, so its session lives for this call only and nothing is cached.
+    class), ``(1 - w) * teacher + w * peer`` with ``w = fleet.peer-weight``; at ``w = 1``
+    (the default) the teacher is not run. The peer changes every round, so its session
+    lives for this call only and nothing is cached.
     """
     attached = content.array_records.get(R.TEACHER)
     blob = lzma.decompress(attached[R.TEACHER_ONNX].numpy().tobytes()) if attached else None
-    logits = teacher_logits(teacher_session(str(config[R.TEACHER_HASH]), blob), x)
+    teacher = teacher_session(str(config[R.TEACHER_HASH]), blob)
     peer = content.array_records.get(R.PEER)
     if peer is None:
-        return logits
+        return teacher_logits(teacher, x)
     weight = float(config[R.PEER_WEIGHT])
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"{R.PEER_WEIGHT} must be in [0, 1], got {weight}")
     session = _cpu_session(lzma.decompress(peer[R.TEACHER_ONNX].numpy().tobytes()))
     peer_logits = teacher_logits(session, x)
-    if peer_logits.shape != logits.shape:
-        raise ValueError(
-            f"the peer student gives logits {peer_logits.shape}, the teacher {logits.shape}"
-        )
+    expected = (len(x), int(teacher.get_outputs()[0].shape[-1]))
+    if peer_logits.shape != expected:
+        raise ValueError(f"the peer student gives logits {peer_logits.shape}, not {expected}")
+    if weight == 1.0:
+        return peer_logits
+    logits = teacher_logits(teacher, x)
     return ((1.0 - weight) * logits + weight * peer_logits).astype(np.float32)

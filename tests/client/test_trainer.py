@@ -150,6 +150,8 @@ def test_a_peer_student_is_blended_into_the_teachers_logits(tmp_path, monkeypatc
     np.testing.assert_allclose(plain, t, atol=1e-4)
     np.testing.assert_allclose(blended, 0.75 * t + 0.25 * p, atol=1e-4)
     assert not np.allclose(blended, t, atol=1e-2)
+    config[R.PEER_WEIGHT] = 1.0
+    np.testing.assert_allclose(round_teacher_logits(both, config, x), p, atol=1e-4)
     config[R.PEER_WEIGHT] = 1.5
     with pytest.raises(ValueError, match="fleet.peer-weight must be in"):
         round_teacher_logits(both, config, x)
