@@ -43,7 +43,7 @@ class FleetConfig:
     # held-out seeds: docs/device-classes.md
     ensemble: str = "all"
     # Epochs of that server step a round, in the fleet and in its own-class comparator alike
-    distill_epochs: int = 3
+    distill_epochs: int = 6
     # One of BACKENDS: what a simulated node trains with (a bundled node: its bundle's)
     backends: str = "torch"
     # The share of the widest class's current student in a narrower class's on-device soft
